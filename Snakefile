@@ -1,0 +1,22 @@
+# kvbench: KV-cache compression benchmark.
+#   snakemake --cores 1 --resources gpu=1            (offline default: config.yaml)
+#   snakemake results/figures/bleu.pdf                (one artifact and only what it needs)
+#   snakemake --workflow-profile profiles/slurm               (a Slurm cluster)
+
+# config.yaml is the offline default; `--configfile other.yaml` replaces it (no merging of grids)
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/aggregate.smk"
+
+
+# Raw results are listed too: a deleted raw Parquet is re-run (and re-aggregated), never silently dropped.
+rule all:
+    input:
+        AGGREGATE_OUTPUTS,
+        [raw_path(j) for j in JOBS],

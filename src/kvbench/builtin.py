@@ -1,0 +1,174 @@
+"""The offline default model: a tiny Llama trained here on the synthetic translation task.
+
+    python -m kvbench build-model builtin:tiny-synth --out resources/models/tiny
+
+Architecture and recipe follow shared BUILTIN_MODEL.md (hidden 128, 4 layers, 4 query / 2 KV heads,
+head_dim 64, word-level tokenizer). Training uses the exact stream layout of inference
+(`kvbench.layout`): wait-k interleaving with a random k per document (including the oracle layout,
+k = inf), Group Position Encoding, and the GPE attention mask; the loss is on target tokens only.
+The result is a normal HF folder (config.json, tokenizer.json, model.safetensors) plus
+`training_log.csv` (the loss curve) and `build_info.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from . import layout, synth
+from .io import atomic_dir
+
+RECIPES = {
+    # name -> training recipe; "tiny-synth" is the real one, "micro-synth" is for fast tests only
+    "tiny-synth": dict(steps=2400, tokens_per_step=4096, lengths=(256, 512, 1024, 2048)),
+    "micro-synth": dict(steps=40, tokens_per_step=2048, lengths=(128, 256)),
+}
+WAIT_KS = (1, 2, 3, 4, 5, 6, 8, 10, 15, layout.WAIT_INF)
+
+
+@dataclass
+class Recipe:
+    steps: int = 1200
+    tokens_per_step: int = 4096
+    lengths: tuple[int, ...] = (256, 512, 1024, 2048)
+    lr: float = 3e-3
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    seed: int = 0
+    target_offset: int = 0
+    max_positions: int = 4096
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(synth.lexicon().vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_config(vocab_size: int, tokenizer, max_positions: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
+    )
+
+
+def training_example(tokenizer, lex, length: int, rng: random.Random, target_offset: int):
+    """One document as a training stream: (ids, pos, role) tensors and the loss mask."""
+    doc = synth.make_document(rng.randrange(10**9), length, seed=rng.randrange(10**9), lex=lex)
+    vocab = tokenizer.get_vocab()
+    src = [[vocab[w]] for w in doc.source]
+    tgt = [[vocab[synth.TARGET_START]]] + [[vocab[w]] for w in doc.target]
+    instr = [tokenizer.bos_token_id] + [vocab[w] for w in synth.INSTRUCTION]
+    return layout.build_stream(instr, src, tgt, k=rng.choice(WAIT_KS), target_offset=target_offset,
+                               eos=tokenizer.eos_token_id)
+
+
+def batch(tokenizer, lex, length: int, n: int, rng: random.Random, target_offset: int):
+    """(B, T) ids, positions, labels and a (B, 1, T, T) additive float mask."""
+    ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)
+    pos = torch.zeros((n, length), dtype=torch.long)
+    labels = torch.full((n, length), -100, dtype=torch.long)
+    mask = torch.zeros((n, 1, length, length), dtype=torch.bool)
+    for b in range(n):
+        s = training_example(tokenizer, lex, length, rng, target_offset)
+        t = len(s.ids)
+        i, p, r = s.tensors()
+        ids[b, :t], pos[b, :t] = i, p
+        # transformers shifts labels by one (logits[t] vs labels[t + 1]); our labels are already
+        # aligned to the token that predicts them, so place them one step later
+        m = min(t, length - 1)
+        labels[b, 1 : m + 1] = torch.tensor(s.labels[:m])
+        mask[b, 0, :t, :t] = layout.stream_mask(r)
+        mask[b, 0, t:, :] = True  # padding rows: attend anywhere (no NaNs; they carry no loss)
+    return ids, pos, labels, mask
+
+
+def lr_at(step: int, r: Recipe) -> float:
+    if step < r.warmup:
+        return r.lr * (step + 1) / r.warmup
+    frac = (step - r.warmup) / max(1, r.steps - r.warmup)
+    return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train(name: str, out: str, seed: int = 0, steps: int | None = None, log=None) -> dict:
+    """Build tokenizer + model, train with the named recipe, save an HF folder atomically."""
+    from transformers import LlamaForCausalLM
+
+    if name not in RECIPES:
+        raise ValueError(f"unknown builtin model {name!r}; known: {sorted(RECIPES)}")
+    recipe = Recipe(**{**RECIPES[name], "seed": seed})
+    if steps is not None:
+        recipe.steps = steps
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = build_tokenizer()
+    lex = synth.lexicon()
+    config = build_config(len(tokenizer), tokenizer, recipe.max_positions)
+    model = LlamaForCausalLM(config)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr, betas=recipe.betas,
+    )
+    history = []
+    t0 = time.perf_counter()
+    tokens = 0
+    bar = tqdm(range(recipe.steps), desc=f"train {name}", file=log, mininterval=10)
+    for step in bar:
+        length = rng.choice(recipe.lengths)
+        n = max(1, recipe.tokens_per_step // length)
+        ids, pos, labels, mask = batch(tokenizer, lex, length, n, rng, recipe.target_offset)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, recipe)
+        # a 4-D mask is used as given by transformers' mask preparation
+        addmask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        outx = model(input_ids=ids, position_ids=pos, attention_mask=addmask, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        outx.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += ids.numel()
+        history.append((step, length, float(outx.loss), lr_at(step, recipe), time.perf_counter() - t0))
+        bar.set_postfix(loss=f"{float(outx.loss):.3f}", refresh=False)
+    wall = time.perf_counter() - t0
+    model.eval()
+    info = {
+        "builtin": name, "recipe": asdict(recipe), "train_seconds": round(wall, 1), "train_tokens": tokens,
+        "tokens_per_second": round(tokens / wall, 1), "final_loss": history[-1][2],
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "torch_threads": torch.get_num_threads(),
+    }
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "training_log.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "length", "loss", "lr", "seconds"])
+            w.writerows(history)
+        with open(os.path.join(tmp, "build_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
+    return info

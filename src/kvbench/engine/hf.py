@@ -1,0 +1,143 @@
+"""The one module that touches transformers' cache and attention internals.
+
+Two supported seams of transformers 5.23 (pinned in pyproject; `check_transformers` refuses others):
+- `Cache(layers=[...])` with one `StoreLayer` (a `CacheLayerMixin`) per model layer: `update`
+  appends the new K/V and metadata to the layer's store and returns everything the store holds.
+- `AttentionInterface.register("kvbench", kvbench_attention)`: our attention function reads the
+  store of `module.layer_idx` from the cache passed through the forward kwargs (`kvbench_cache=`),
+  builds the per-head mask from the store's metadata (so eviction and GPE need no 4-D mask from
+  the model), and hands attention probabilities to the store when its policy needs them, computed
+  from the same q.K as the output. The mask interface for "kvbench" returns None.
+Registration happens in `prepare_model`, never on import.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface
+
+from ..layout import ROLE_TARGET
+
+SUPPORTED_TRANSFORMERS = ("5.23.",)
+ATTN_NAME = "kvbench"
+
+
+def check_transformers() -> None:
+    if not transformers.__version__.startswith(SUPPORTED_TRANSFORMERS):
+        raise RuntimeError(
+            f"kvbench's cache engine is written against transformers {SUPPORTED_TRANSFORMERS}, "
+            f"found {transformers.__version__}; install the pinned version (pip install -e .)"
+        )
+
+
+class StoreLayer(CacheLayerMixin):
+    """Adapter from transformers' per-layer cache protocol to a kvbench store."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, store, owner: "StoreCache"):
+        super().__init__()
+        self.store = store
+        self.owner = owner
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # storage exists already
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        seq, pos, role = self.owner.pending
+        self.store.append(key_states[0], value_states[0], seq, pos, role)  # (H, n, D)
+        k, v = self.store.keys_values()
+        return k[None], v[None]  # (1, H, C, D)
+
+    def get_seq_length(self) -> int:
+        return int(self.store.seq.max()) + 1 if self.store.seq.numel() else 0
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        return self.store.k.shape[1] + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class StoreCache(Cache):
+    """A transformers Cache whose layers are kvbench stores; `pending` carries the metadata of the
+    tokens in the current forward pass (set by the session before each call)."""
+
+    def __init__(self, stores):
+        self.pending = None
+        super().__init__(layers=[StoreLayer(s, self) for s in stores])
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+def kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query (1, Hq, n, D); key/value (1, Hkv, C, D) as returned by StoreLayer.update."""
+    cache = kwargs.get("kvbench_cache")
+    if cache is None:
+        raise RuntimeError("kvbench attention needs kvbench_cache=... in the forward call")
+    store = cache.layers[module.layer_idx].store
+    seq, _, role = cache.pending
+    hq, hkv = query.shape[1], key.shape[1]
+    g = hq // hkv
+    mask = store.mask(seq, role == ROLE_TARGET, ROLE_TARGET)  # (Hkv, n, C)
+    scaling = module.scaling if scaling is None else scaling
+    if store.score is None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1),
+            attn_mask=mask.repeat_interleave(g, dim=0)[None], scale=scaling,
+        )
+    else:
+        n, d = query.shape[2], query.shape[3]
+        q = query[0].reshape(hkv, g, n, d)  # (Hkv, g, n, D): query heads grouped by KV head
+        s = torch.einsum("hgnd,hcd->hgnc", q.float(), key[0].float()) * scaling
+        s = s.masked_fill(~mask[:, None], float("-inf"))
+        p = torch.softmax(s, dim=-1)  # (Hkv, g, n, C)
+        store.observe(p.sum(dim=1))
+        out = torch.einsum("hgnc,hcd->hgnd", p, value[0].float()).to(query.dtype).reshape(1, hq, n, d)
+    return out.transpose(1, 2).contiguous(), None  # (1, n, Hq, D)
+
+
+def prepare_model(model) -> None:
+    """Register the attention function and switch the model to it (idempotent)."""
+    check_transformers()
+    AttentionInterface.register(ATTN_NAME, kvbench_attention)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+    model.set_attn_implementation(ATTN_NAME)
+
+
+def model_geometry(model) -> dict:
+    c = model.config
+    return dict(
+        n_layers=c.num_hidden_layers,
+        n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        max_positions=getattr(c, "max_position_embeddings", None),
+    )
+
+
+def rope_rotate(model, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Re-rotate RoPE keys (H, C, D) by `delta` positions (H, C): R(p + d) = R(d) R(p)."""
+    inv_freq = model.model.rotary_emb.inv_freq.to(keys.device, torch.float32)  # (D/2,)
+    ang = delta[..., None].float() * inv_freq  # (H, C, D/2)
+    cos = torch.cat([ang.cos(), ang.cos()], dim=-1)
+    sin = torch.cat([ang.sin(), ang.sin()], dim=-1)
+    k = keys.float()
+    half = k.shape[-1] // 2
+    rot = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    return (k * cos + rot * sin).to(keys.dtype)
+
+
+def forward(model, ids: torch.Tensor, pos: torch.Tensor, cache: StoreCache, logits: str = "last"):
+    """One forward of new tokens ids (n,) at positions pos (n,); returns logits (n or 1, V)."""
+    out = model(
+        input_ids=ids[None], position_ids=pos[None], past_key_values=cache, use_cache=True,
+        kvbench_cache=cache, logits_to_keep=1 if logits == "last" else 0,
+    )
+    return out.logits[0]

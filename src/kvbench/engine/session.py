@@ -1,0 +1,155 @@
+"""A decoding session: one model, one method, one budget, one stream of tokens.
+
+`Session.feed(ids, pos, role)` runs new tokens through the model in chunks of `chunk_size`,
+evicting after every chunk (and after every decode step), so the cache never holds more than the
+per-head budget after a step and at most budget + chunk during one. Memory is measured here, from
+the tensors the stores hold, after every forward (peak, before eviction) and after every eviction
+(the steady state). Nothing in here branches on a method's name: it reads the method's flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..layout import ROLE_TARGET
+from ..methods.base import LayerView, Method
+from . import hf
+from .store import KVStore
+
+
+@dataclass
+class MemoryStats:
+    steps: int = 0
+    bytes_peak: int = 0
+    live_bytes_peak: int = 0
+    meta_bytes_peak: int = 0
+    bytes_sum: float = 0.0
+    retained_peak: float = 0.0
+    retained_sum: float = 0.0
+    after_step_bytes: list[int] = field(default_factory=list)
+
+    def observe(self, stores, after_step: bool) -> None:
+        b = sum(s.nbytes() for s in stores)
+        self.bytes_peak = max(self.bytes_peak, b)
+        self.live_bytes_peak = max(self.live_bytes_peak, sum(s.live_bytes() for s in stores))
+        self.meta_bytes_peak = max(self.meta_bytes_peak, sum(s.meta_bytes() for s in stores))
+        retained = float(torch.stack([s.live().float().mean() for s in stores]).mean())
+        self.retained_peak = max(self.retained_peak, retained)
+        if after_step:
+            self.steps += 1
+            self.bytes_sum += b
+            self.retained_sum += retained
+            self.after_step_bytes.append(b)
+
+    def row(self) -> dict:
+        n = max(self.steps, 1)
+        return dict(
+            cache_bytes_peak=self.bytes_peak, cache_bytes_mean=self.bytes_sum / n,
+            cache_bytes_live_peak=self.live_bytes_peak, metadata_bytes_peak=self.meta_bytes_peak,
+            retained_tokens_peak=round(self.retained_peak), retained_tokens_mean=self.retained_sum / n,
+        )
+
+
+def make_store(method: Method, geom: dict, dtype, device, layer: int, profile=None):
+    if method.storage == "dense":
+        return KVStore(geom["n_kv_heads"], geom["head_dim"], dtype, device, track_scores=method.needs_scores)
+    return method.make_store(geom, dtype, device, layer, profile)
+
+
+class Session:
+    def __init__(self, model, method: Method, budget: int | None, chunk_size: int = 64, profile=None):
+        hf.prepare_model(model)
+        self.model, self.method, self.chunk_size = model, method, chunk_size
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.geom = hf.model_geometry(model)
+        method.validate(budget)
+        self.budgets = None  # (L, H) tokens per layer and KV head
+        if method.evicts and budget is not None:
+            self.budgets = method.head_budgets(budget, self.geom["n_layers"], self.geom["n_kv_heads"], profile)
+            self.budgets = self.budgets.to(self.device)
+        self.stores = [make_store(method, self.geom, self.dtype, self.device, i, profile)
+                       for i in range(self.geom["n_layers"])]
+        self.cache = hf.StoreCache(self.stores)
+        self.seq = 0
+        self.group_base: dict[bool, int] = {}
+        self.memory = MemoryStats()
+        self.tokens = 0
+
+    # ---- positions -----------------------------------------------------------------------
+    def _cache_positions(self, pos: torch.Tensor, is_tgt: torch.Tensor) -> torch.Tensor:
+        """Positions as ranks within the cache, per GPE group (StreamingLLM's `cache` mode)."""
+        out = torch.empty_like(pos)
+        s = self.stores[0]
+        live_tgt = s.valid[0] & (s.role[0] == ROLE_TARGET)
+        for g in (False, True):
+            sel = is_tgt == g
+            if not bool(sel.any()):
+                continue
+            base = self.group_base.setdefault(g, int(pos[sel][0]))
+            live = int(live_tgt.sum()) if g else int((s.valid[0] & ~live_tgt).sum())
+            out[sel] = base + live + torch.arange(int(sel.sum()), device=pos.device)
+        return out
+
+    def _reindex_positions(self, store) -> None:
+        new = store.pos.clone()
+        is_tgt = store.role == ROLE_TARGET
+        for g in (False, True):
+            if g not in self.group_base:
+                continue
+            m = store.valid & (is_tgt == g)
+            rank = torch.cumsum(m.long(), dim=1) - 1  # slots are kept in stream order
+            new = torch.where(m, self.group_base[g] + rank, new)
+        delta = torch.where(store.valid, new - store.pos, torch.zeros_like(new))
+        if bool((delta != 0).any()):
+            store.k = hf.rope_rotate(self.model, store.k, delta)
+            store.pos = new
+
+    # ---- feeding -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def feed(self, ids, pos, role, logits: str = "last") -> torch.Tensor:
+        """ids, pos, role: (n,) tensors or lists. Returns logits (n, V) or (1, V) of the last."""
+        ids, pos, role = (torch.as_tensor(x, dtype=torch.long, device=self.device) for x in (ids, pos, role))
+        outs = []
+        for a in range(0, ids.shape[0], self.chunk_size):
+            b = min(a + self.chunk_size, ids.shape[0])
+            c_pos, c_role = pos[a:b], role[a:b]
+            if self.method.cache_positions:
+                c_pos = self._cache_positions(c_pos, c_role == ROLE_TARGET)
+            seq = torch.arange(self.seq, self.seq + b - a, device=self.device)
+            self.cache.pending = (seq, c_pos, c_role)
+            last = logits == "last" and b == ids.shape[0]
+            out = hf.forward(self.model, ids[a:b], c_pos, self.cache, "last" if last or logits == "last" else "all")
+            if logits == "all" or last:
+                outs.append(out)
+            self.seq += b - a
+            self.tokens += b - a
+            self.memory.observe(self.stores, after_step=False)
+            self._evict()
+            self.memory.observe(self.stores, after_step=True)
+        return torch.cat(outs) if logits == "all" else outs[-1]
+
+    def _evict(self) -> None:
+        if self.budgets is None:
+            return
+        for i, s in enumerate(self.stores):
+            if bool((s.live() > self.budgets[i]).any()):
+                view = LayerView(s.seq, s.pos, s.role, s.valid, s.score)
+                s.compact(self.method.select(view, self.budgets[i]))
+                if self.method.cache_positions:
+                    self._reindex_positions(s)
+
+    def budget_bytes(self, budget: int | None) -> int | None:
+        if budget is None:
+            return None
+        g = self.geom
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return budget * g["n_layers"] * g["n_kv_heads"] * g["head_dim"] * 2 * elem
+
+    def layout(self) -> str:
+        return self.stores[0].layout
+
+    def compute(self) -> str:
+        return self.stores[0].compute

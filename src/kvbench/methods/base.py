@@ -1,0 +1,115 @@
+"""Method registry and the base class every KV policy extends.
+
+A method is a small dataclass registered by type name; its fields are its config keys and its repr
+goes into every result row. It declares what it needs as class attributes, and the engine reads
+those (never the method's name):
+- `needs_scores`: the attention function hands accumulated attention to the store.
+- `needs_profile`: the eval job needs `results/heads/{model}.parquet` (head-aware methods).
+- `evicts`: False only for the full cache.
+- `cache_positions`: keys are re-rotated to their rank within the cache after eviction (StreamingLLM).
+- `storage`: "dense" or "quant" (bit-packed storage, see kvbench.quant).
+
+The one method-specific hook is `select(view, budgets)`: given one layer's live entries, return
+which to keep, at most budgets[h] per KV head h.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(cls):
+    REGISTRY[cls.type_name] = cls
+    return cls
+
+
+@dataclass
+class Method:
+    type_name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    needs_scores: ClassVar[bool] = False
+    needs_profile: ClassVar[bool] = False
+    evicts: ClassVar[bool] = True
+    storage: ClassVar[str] = "dense"
+
+    @property
+    def cache_positions(self) -> bool:
+        return False
+
+    def validate(self, budget: int | None) -> None:
+        """Raise ValueError for parameter values that cannot work at this budget."""
+
+    def head_budgets(self, budget: int, n_layers: int, n_heads: int, profile=None) -> torch.Tensor:
+        """(L, H) integer token budget per layer and KV head; uniform unless overridden."""
+        return torch.full((n_layers, n_heads), budget, dtype=torch.long)
+
+    def select(self, view: "LayerView", budgets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def params_json(self) -> str:
+        return json.dumps(self.params(), sort_keys=True)
+
+
+@dataclass
+class LayerView:
+    """What a selection rule sees of one layer: (H, C) tensors, live entries where valid."""
+
+    seq: torch.Tensor
+    pos: torch.Tensor
+    role: torch.Tensor
+    valid: torch.Tensor
+    score: torch.Tensor | None
+
+    def age_rank(self) -> torch.Tensor:
+        """(H, C): 0 for the oldest live entry of each head, counting up; invalid slots get C."""
+        big = torch.iinfo(torch.long).max
+        key = torch.where(self.valid, self.seq, torch.full_like(self.seq, big))
+        order = torch.argsort(key, dim=1)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(key.shape[1], device=key.device).expand_as(order))
+        return torch.where(self.valid, rank, torch.full_like(rank, key.shape[1]))
+
+    def recent(self, n: torch.Tensor | int) -> torch.Tensor:
+        """(H, C) bool: the n most recent live entries of each head (n scalar or (H,))."""
+        live = self.valid.sum(dim=1, keepdim=True)
+        n = torch.as_tensor(n, device=self.seq.device).reshape(-1, 1)
+        return self.valid & (self.age_rank() >= live - n)
+
+    def oldest(self, n: torch.Tensor | int) -> torch.Tensor:
+        n = torch.as_tensor(n, device=self.seq.device).reshape(-1, 1)
+        return self.valid & (self.age_rank() < n)
+
+
+def top_by(score: torch.Tensor, candidates: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """(H, C) bool: per head, the n candidates with the highest score (ties: older first)."""
+    h, c = score.shape
+    n = torch.as_tensor(n, device=score.device).reshape(-1, 1).expand(h, 1)
+    s = torch.where(candidates, score.float(), torch.full_like(score, float("-inf"), dtype=torch.float))
+    order = torch.argsort(s, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(c, device=score.device).expand_as(order))
+    return candidates & (rank < n)
+
+
+def method_from_config(type_name: str, params: dict) -> Method:
+    """Build a method from its config entry; unknown types and keys are errors naming the choices."""
+    if type_name not in REGISTRY:
+        raise ValueError(f"unknown method type {type_name!r}; registered: {sorted(REGISTRY)}")
+    cls = REGISTRY[type_name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    extra = set(params) - fields
+    if extra:
+        raise ValueError(
+            f"method {type_name!r} has no parameter(s) {sorted(extra)}; its fields are {sorted(fields)}"
+        )
+    return cls(**params)

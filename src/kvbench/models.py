@@ -1,0 +1,154 @@
+"""Model sources behind one loader.
+
+    builtin:<name>        built and trained here on the synthetic task (the offline default)
+    path:<dir>            a local Hugging Face folder
+    hub:<repo>@<revision> snapshot_download with the revision pinned
+    random:<arch>         a real architecture's published shape with random weights (memory and
+                          latency only: quality columns are flagged not meaningful)
+
+`build_model(source, out)` materialises any source as a normal HF folder at `out` with a
+`kvbench_source.json` beside the weights; `load_model(dir)` loads it with safetensors only and no
+remote code unless the config asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+from .io import atomic_dir, atomic_write_text
+
+SCHEMES = ("builtin", "path", "hub", "random")
+
+# published shapes (config.json of each model); vocab sizes as published
+RANDOM_ARCHS = {
+    "qwen2.5-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                         max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(arch="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(arch="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                         max_position_embeddings=131072, rope_theta=5e5, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         max_position_embeddings=131072, rope_theta=5e5, tie_word_embeddings=False),
+}
+
+
+class SourceError(ValueError):
+    pass
+
+
+def parse_source(source: str) -> tuple[str, str, str | None]:
+    """'hub:Qwen/Qwen2.5-0.5B-Instruct@abc123' -> ('hub', 'Qwen/...', 'abc123'). Checks, no work."""
+    scheme, sep, rest = source.partition(":")
+    if not sep or scheme not in SCHEMES:
+        raise SourceError(f"unknown model source {source!r}: use one of {', '.join(s + ':' for s in SCHEMES)}")
+    if not rest:
+        raise SourceError(f"model source {source!r} names nothing after '{scheme}:'")
+    if scheme == "hub":
+        repo, at, rev = rest.partition("@")
+        if not at or not rev:
+            raise SourceError(f"hub source {source!r} has no pinned revision: write hub:{repo}@<commit-sha or tag>")
+        return scheme, repo, rev
+    if scheme == "path" and not os.path.isdir(rest):
+        raise SourceError(f"model source {source!r}: local path {rest!r} does not exist")
+    if scheme == "path" and not os.path.exists(os.path.join(rest, "config.json")):
+        raise SourceError(f"model source {source!r}: {rest!r} has no config.json (not a Hugging Face model folder)")
+    if scheme == "random" and rest not in RANDOM_ARCHS:
+        raise SourceError(f"unknown random architecture {rest!r}; known: {sorted(RANDOM_ARCHS)}")
+    if scheme == "builtin":
+        from .builtin import RECIPES
+
+        if rest not in RECIPES:
+            raise SourceError(f"unknown builtin model {rest!r}; known: {sorted(RECIPES)}")
+    return scheme, rest, None
+
+
+def folder_hash(d: str) -> str:
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(d)):
+        if name.endswith((".json", ".safetensors", ".txt", ".model")) and name != "kvbench_source.json":
+            with open(os.path.join(d, name), "rb") as f:
+                h.update(name.encode())
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _random_model(arch: str, tmp: str, seed: int) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(RANDOM_ARCHS[arch])
+    kind = spec.pop("arch")
+    theta = spec.pop("rope_theta")
+    cfg = AutoConfig.for_model(kind, **spec, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(cfg)  # fail fast on a bad shape before allocating
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp, safe_serialization=True)
+    from .builtin import build_tokenizer  # a small real tokenizer: ids only, texts are not meaningful
+
+    build_tokenizer().save_pretrained(tmp)
+
+
+def build_model(source: str, out: str, seed: int = 0, steps: int | None = None, log=None) -> dict:
+    scheme, name, rev = parse_source(source)
+    info = {"source": source, "scheme": scheme, "quality_meaningful": scheme != "random"}
+    if scheme == "builtin":
+        from .builtin import train
+
+        info["build"] = train(name, out, seed=seed, steps=steps, log=log)
+    elif scheme == "path":
+        with atomic_dir(out) as tmp:
+            shutil.copytree(name, tmp, dirs_exist_ok=True)
+    elif scheme == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            with atomic_dir(out) as tmp:
+                snapshot_download(repo_id=name, revision=rev, local_dir=tmp,
+                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        except Exception as e:  # offline, unknown repo, no network: say what to do instead
+            raise SourceError(
+                f"could not download {name}@{rev} from the hub ({type(e).__name__}: {e}). "
+                f"Without network (or with HF_HUB_OFFLINE=1) download it elsewhere and use path:<dir>"
+            ) from e
+    else:
+        with atomic_dir(out) as tmp:
+            _random_model(name, tmp, seed)
+    info["revision"] = rev or folder_hash(out)
+    atomic_write_text(os.path.join(out, "kvbench_source.json"), json.dumps(info, indent=2))
+    return info
+
+
+def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer, info) from a folder made by build_model (or any HF folder)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"no model at {model_dir!r} (missing config.json); run build-model first")
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
+    ).to(device).eval()
+    p = os.path.join(model_dir, "kvbench_source.json")
+    info = json.load(open(p)) if os.path.exists(p) else {"source": f"path:{model_dir}", "quality_meaningful": True}
+    info.setdefault("revision", folder_hash(model_dir))
+    return model, tok, info
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return device

@@ -1,0 +1,158 @@
+"""The four tasks an eval job can run on one sample, each returning the task's row fields.
+
+- `translate_stream`: word-level wait-k simultaneous translation with Group Position Encoding;
+  greedy WRITE of one word / READ of one source word; delays recorded per target word.
+- `translate_batch`: the oracle: the whole source first, then the translation (wait-k with k = inf).
+- `ppl`: NLL of a long document read through the method's cache (eviction applies while reading);
+  for a translation document, the teacher-forced wait-k stream scored on target tokens; for plain
+  text, every token after the first.
+- `latency`: per-token decode latency after a prefill of the document (warm-up, repeats, median, p90).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from . import layout
+from .layout import ROLE_INSTR, ROLE_SOURCE, ROLE_TARGET
+from .metrics import average_lagging, length_adaptive_average_lagging
+
+TASKS = ("translate_stream", "translate_batch", "ppl", "latency")
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> dict:
+    """wait-k WRITE/READ loop. The token that carries a WRITE's query is the last chosen target
+    token (or the target-start marker), fed only after the READ before it, as in training. With
+    multi-token words, the token that begins the next word is chosen before that READ (one-token
+    look-ahead)."""
+    src = prompter.words(doc["source"])
+    if not src:
+        raise ValueError(f"sample {doc['id']}: empty source document")
+    instr = prompter.instruction()
+    cap = math.ceil(1.5 * len(src)) + 5  # words
+    session.feed(instr, list(range(len(instr))), [ROLE_INSTR] * len(instr))
+    src_pos, tgt_pos, read = len(instr), target_offset, 0
+
+    def feed_target(tokens):
+        nonlocal tgt_pos
+        out = session.feed(tokens, list(range(tgt_pos, tgt_pos + len(tokens))), [ROLE_TARGET] * len(tokens))
+        tgt_pos += len(tokens)
+        return out
+
+    def read_word():
+        nonlocal src_pos, read
+        w = src[read]
+        session.feed(w, list(range(src_pos, src_pos + len(w))), [ROLE_SOURCE] * len(w))
+        src_pos += len(w)
+        read += 1
+
+    while read < min(k, len(src)):
+        read_word()
+    hyp, delays, stop = [], [], "length_cap"
+    carry, carry_in_word = prompter.target_start(), False
+    while len(delays) < cap:
+        logits = feed_target(carry)
+        word = list(carry) if carry_in_word else []
+        carry = []
+        while True:  # WRITE one word
+            t = int(logits[-1].argmax())
+            if t == prompter.eos_id:
+                break
+            if prompter.single_token_words:
+                word, carry = [t], [t]
+                break
+            if word and prompter.word_start(t):
+                carry, carry_in_word = [t], True
+                break
+            word.append(t)
+            logits = feed_target([t])
+        if word:
+            hyp += word
+            delays.append(read)
+        if not carry:
+            stop = "eos"
+            break
+        if read < len(src):
+            read_word()
+    hyp_text, ref = prompter.decode(hyp), doc.get("target", "")
+    n_ref = len(ref.split())
+    lag = dict(al=None, laal=None)
+    if delays:
+        lag = dict(al=average_lagging(delays, len(src), ref_len=n_ref or None),
+                   laal=length_adaptive_average_lagging(delays, len(src), ref_len=n_ref or None))
+    else:
+        lag = dict(al=float(len(src)), laal=float(len(src)))
+    return dict(
+        source=doc["source"], hypothesis=hyp_text, reference=ref, delays=[float(d) for d in delays],
+        src_words=len(src), ref_words=n_ref, hyp_words=len(delays), stop_reason=stop,
+        wait_k=min(k, layout.WAIT_INF), **lag,
+    )
+
+
+def document_stream(prompter, doc: dict, k: int, target_offset: int = 0) -> tuple[layout.Stream, torch.Tensor]:
+    """The teacher-forced stream of a document and its labels (next token to score, -100: none)."""
+    if doc.get("target"):
+        src, tgt = prompter.words(doc["source"]), prompter.words(doc["target"])
+        s = layout.build_stream(prompter.instruction(), src, [prompter.target_start()] + tgt, k,
+                                target_offset, eos=prompter.eos_id)
+    else:
+        ids = prompter.plain(doc["source"])
+        s = layout.Stream(ids, list(range(len(ids))), [ROLE_SOURCE] * len(ids), [], ids[1:] + [-100])
+    if len(s.ids) < 2:
+        raise ValueError(f"sample {doc['id']}: document has fewer than 2 tokens")
+    return s, torch.tensor(s.labels)
+
+
+def perplexity(session, prompter, doc: dict, k: int, target_offset: int = 0) -> dict:
+    s, labels = document_stream(prompter, doc, k, target_offset)
+    nll, n, c = 0.0, 0, session.chunk_size
+    for a in range(0, len(s.ids), c):
+        b = min(a + c, len(s.ids))
+        logits = session.feed(s.ids[a:b], s.pos[a:b], s.role[a:b], logits="all").float()  # (n, V)
+        lab = labels[a:b].to(logits.device)
+        m = lab >= 0
+        if bool(m.any()):
+            lp = torch.log_softmax(logits[m], dim=-1)
+            nll -= float(lp.gather(1, lab[m][:, None]).sum())
+            n += int(m.sum())
+    return dict(nll_sum=nll, n_scored_tokens=n, nll_per_token=nll / max(n, 1))
+
+
+def latency(session, prompter, doc: dict, k: int, target_offset: int = 0, n_decode: int = 32,
+            warmup: int = 4) -> dict:
+    s, _ = document_stream(prompter, doc, k, target_offset)
+    logits = session.feed(s.ids, s.pos, s.role)
+    pos, role = s.pos[-1] + 1, s.role[-1]
+    times = []
+    for i in range(warmup + n_decode):
+        t = int(logits[-1].argmax())
+        _sync(session.device)
+        t0 = time.perf_counter()
+        logits = session.feed([t], [pos + i], [role])
+        _sync(session.device)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    tt = torch.tensor(times)
+    return dict(decode_ms_median=float(tt.median()), decode_ms_p90=float(torch.quantile(tt, 0.9)))
+
+
+def run_task(task: str, session, prompter, doc: dict, params: dict) -> dict:
+    k = int(params.get("wait_k", 5))
+    off = int(params.get("target_offset", 0))
+    if task == "translate_stream":
+        return translate(session, prompter, doc, k, off)
+    if task == "translate_batch":
+        return translate(session, prompter, doc, layout.WAIT_INF, off)
+    if task == "ppl":
+        return perplexity(session, prompter, doc, k, off)
+    if task == "latency":
+        return latency(session, prompter, doc, k, off, int(params.get("n_decode", 32)), int(params.get("warmup", 4)))
+    raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")

@@ -1,0 +1,235 @@
+"""Aggregation end to end on synthetic raw results: tables, study selection, bold best, figures, refusals.
+
+    PYTHONPATH=src python -m pytest -q tests/test_aggregate.py
+
+The raw Parquets are built at run time with `schema.to_table` (one file per eval job, as the pipeline
+writes them): model `tiny`, dataset `synth`, methods `full` and `sink4` (budgets 64 and 128),
+lengths 512 and 1024, four samples per cell, tasks translate_stream/translate_batch/ppl/latency.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from kvbench import aggregate as agg
+from kvbench import figures, schema
+
+WORDS = ("the cat sat on mat while a dog ran across green field under bright sky and birds sang "
+         "loudly near old river bank where children played with small boats").split()
+N_SAMPLES, LENGTHS = 4, (512, 1024)
+LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16
+CONFIG = {
+    "aggregate": {"n_resamples": 200, "seed": 0},
+    "studies": {
+        "long": {"tasks": ["translate_stream"], "models": ["tiny"], "datasets": ["synth"],
+                 "methods": ["full", "sink4"], "lengths": [512, 1024], "budgets": [64]},
+        "budgets": {"tasks": ["translate_stream", "ppl"], "models": ["tiny"], "datasets": ["synth"],
+                    "methods": ["sink4"], "lengths": [1024], "budgets": [64, 128]},
+        "latency": {"tasks": ["latency"], "models": ["tiny"], "datasets": ["synth"],
+                    "methods": ["full", "sink4"], "lengths": [512, 1024], "budgets": ["full", 64]},
+    },
+}
+
+
+def _sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def _hypothesis(ref: str, rng: random.Random, error: float) -> str:
+    """Corrupt a fraction `error` of the reference's words."""
+    return " ".join(rng.choice(WORDS) if rng.random() < error else w for w in ref.split())
+
+
+def _rows(task: str, method: str, length: int, budget: str) -> list[dict]:
+    rng = random.Random(f"{task}-{method}-{length}-{budget}")
+    full = method == "full"
+    b = None if full else int(budget)
+    held = length if full else min(b, length)
+    per_token = LAYERS * KV_HEADS * HEAD_DIM * 2 * 2  # K and V, fp16
+    # compression hurts more with longer documents and smaller budgets
+    error = 0.05 if full else 0.05 + 0.1 * (length / 512) * (64 / b)
+    rows = []
+    for sid in range(N_SAMPLES):
+        row = dict(
+            schema_version=schema.SCHEMA_VERSION, model="tiny", model_source="builtin:tiny", revision="abc",
+            task=task, dataset="synth", method=method, method_type="full" if full else "streaming_llm",
+            method_params="{}" if full else '{"n_sink": 4}', method_repr=f"{method}()", length=length,
+            budget=budget, budget_tokens=b, sample_id=sid, quality_meaningful=True,
+            tokens_processed=length, retained_tokens_peak=held, retained_tokens_mean=held * 0.8,
+            cache_bytes_peak=held * per_token + 256 * (not full), cache_bytes_mean=held * per_token * 0.7,
+            budget_bytes=None if full else b * per_token, layout="dense" if full else "padded_per_head",
+            compute="exact", wall_seconds=0.5 + length / 1000 + rng.random() * 0.1, seed=0, device="cpu",
+            dtype="float32",
+        )
+        if task.startswith("translate"):
+            doc = random.Random(f"doc-{length}-{sid}")  # same documents for every method
+            ref, src = _sentence(doc, 12 + sid), _sentence(doc, 12 + sid)
+            k = 3 if task == "translate_stream" else 10**9
+            row.update(source=src, reference=ref,
+                       hypothesis=_hypothesis(ref, rng, 0.02 if task == "translate_batch" else error),
+                       al=float(min(k, 12) + rng.random()), laal=float(min(k, 12) + 0.3 + rng.random()))
+        elif task == "ppl":
+            n = length - 1
+            row.update(nll_sum=n * (2.0 + (0 if full else 0.2 * 64 / b)) + sid, n_scored_tokens=n)
+            row["nll_per_token"] = row["nll_sum"] / n
+        else:
+            ms = 4.0 + (length / 512 if full else 0.5)
+            row.update(decode_ms_median=ms + 0.1 * sid, decode_ms_p90=ms * 1.3 + 0.1 * sid)
+        rows.append(row)
+    return rows
+
+
+JOBS = [(t, m, n, b) for t in ("translate_stream", "ppl", "latency") for n in LENGTHS
+        for m, b in (("full", "full"), ("sink4", "64"), ("sink4", "128"))]
+JOBS += [("translate_batch", "full", n, "full") for n in LENGTHS]
+
+
+def _write_raw(root, job) -> str:
+    task, method, length, budget = job
+    path = os.path.join(root, "raw", "tiny", task, "synth", method, f"L{length}_B{budget}.parquet")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(schema.to_table(_rows(*job)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("agg")
+    raw = [_write_raw(root, job) for job in JOBS]
+    heads = os.path.join(root, "heads", "tiny.parquet")
+    os.makedirs(os.path.dirname(heads))
+    types = ["retrieval", "induction", "local", "sink"]
+    pd.DataFrame([dict(layer=l, q_head=q, kv_head=q // 2, retrieval=(l * q % 5) / 5, induction=q / 4,
+                       local=l / 4, sink=0.1 * (l + q), type=types[(l + q) % 4])
+                  for l in range(LAYERS) for q in range(4)]).to_parquet(heads)
+    out = root / "results"
+    written = agg.aggregate(raw, CONFIG, str(out), [heads])
+    return {"root": root, "raw": raw, "out": out, "written": written}
+
+
+def test_all_parquet_has_every_row(run):
+    t = pq.read_table(run["out"] / "all.parquet")
+    assert t.num_rows == len(JOBS) * N_SAMPLES
+    assert t.schema.names == list(schema.COLUMNS)
+    assert all(os.path.exists(p) for p in run["written"].values())
+    assert not [f for f in os.listdir(run["out"] / "tables") if f.startswith(".tmp")]
+
+
+def test_cells(run):
+    cells = pd.read_csv(run["out"] / "tables" / "cells.csv", dtype={"budget": str})
+    assert len(cells) == len(JOBS)
+    ts = cells[cells["task"] == "translate_stream"].set_index(["method", "length", "budget"])
+    assert ts.loc[("full", 1024, "full"), "bleu"] > ts.loc[("sink4", 1024, "64"), "bleu"]
+    assert ts["bleu_signature"].str.startswith("nrefs:1").all()
+    sink = ts.loc[("sink4", 1024, "64")]
+    assert sink["bleu_delta"] < 0 and 0 <= sink["bleu_p_value"] <= 1 and sink["n_paired"] == N_SAMPLES
+    assert sink["bleu_ci_low"] <= sink["bleu"] <= sink["bleu_ci_high"]
+    assert pd.isna(ts.loc[("full", 1024, "full"), "bleu_delta"])
+    ppl = cells[(cells["task"] == "ppl") & (cells["method"] == "full") & (cells["length"] == 512)].iloc[0]
+    rows = _rows("ppl", "full", 512, "full")
+    expect = math.exp(sum(r["nll_sum"] for r in rows) / sum(r["n_scored_tokens"] for r in rows))
+    assert ppl["perplexity"] == pytest.approx(expect)
+    lat = cells[(cells["task"] == "latency") & (cells["method"] == "full") & (cells["length"] == 512)].iloc[0]
+    assert lat["decode_ms_median"] == pytest.approx(pd.Series([5.0, 5.1, 5.2, 5.3]).median())
+    assert lat["quality_meaningful"] and lat["n_samples"] == N_SAMPLES
+
+
+def test_study_rows(run):
+    long = pd.read_csv(run["out"] / "tables" / "long.csv", dtype={"budget": str})
+    assert sorted(zip(long["method"], long["length"], long["budget"])) == [
+        ("full", 512, "full"), ("full", 1024, "full"), ("sink4", 512, "64"), ("sink4", 1024, "64")]
+    assert "perplexity" not in long and "decode_ms_median" not in long  # no all-null columns
+    budgets = pd.read_csv(run["out"] / "tables" / "budgets.csv", dtype={"budget": str})
+    assert sorted(zip(budgets["task"], budgets["budget"])) == [
+        ("ppl", "128"), ("ppl", "64"), ("translate_stream", "128"), ("translate_stream", "64")]
+
+
+def _tex_rows(path) -> list[list[str]]:
+    body = path.read_text().split(r"\midrule", 1)[1].split(r"\bottomrule")[0]
+    return [[c.strip() for c in line.rstrip(" \\").split("&")]
+            for line in body.splitlines() if "&" in line]
+
+
+def test_tex_bold_best_bleu(run):
+    tex = (run["out"] / "tables" / "long.tex").read_text()
+    assert all(k in tex for k in (r"\toprule", r"\midrule", r"\bottomrule"))
+    assert "PPL" not in tex and "BLEU" in tex and "$p$" in tex
+    rows = _tex_rows(run["out"] / "tables" / "long.tex")
+    header = [h.strip() for h in tex.split(r"\toprule")[1].split(r"\\")[0].split("&")]
+    col = header.index("BLEU")
+    long = pd.read_csv(run["out"] / "tables" / "long.csv", dtype={"budget": str})
+    assert len(rows) == len(long)
+    for length, block in long.groupby("length"):  # bold = best in each length block
+        best = block.loc[block["bleu"].idxmax()]
+        for r in rows:
+            if r[0] != str(length):
+                continue
+            is_best = r[header.index("method")] == best["method"]
+            assert (r[col] == rf"\textbf{{{best['bleu']:.2f}}}") == is_best, r
+
+
+def test_figures_written(run):
+    fig_dir = run["out"] / "figures"
+    for name in ("bleu", "ppl", "memory", "latency", "pareto", "lagging", "heads"):
+        assert os.path.getsize(fig_dir / f"{name}.pdf") > 5000, name
+        assert os.path.getsize(fig_dir / f"{name}.png") > 20000, name
+    bleu = pd.read_csv(fig_dir / "bleu.csv")
+    assert set(bleu["method"]) == {"full", "sink4", "oracle batch"}
+    assert set(bleu["length"]) == set(LENGTHS)
+    for name in ("ppl", "memory", "latency", "pareto", "lagging"):
+        d = pd.read_csv(fig_dir / f"{name}.csv")
+        assert set(d["method"]) == {"full", "sink4"} and set(d["length"]) == set(LENGTHS), name
+    assert len(pd.read_csv(fig_dir / "heads.csv")) == LAYERS * 4
+
+
+def test_missing_data_figure_still_written(tmp_path):
+    paths = figures.plot_latency(pd.DataFrame(columns=["task", "method", "decode_ms_median"]), str(tmp_path))
+    assert sorted(os.path.basename(p) for p in paths) == ["latency.csv", "latency.pdf", "latency.png"]
+    assert os.path.getsize(tmp_path / "latency.png") > 5000
+    assert pd.read_csv(tmp_path / "latency.csv").empty
+
+
+def test_unknown_version_refused(run, tmp_path):
+    rows = _rows("ppl", "full", 512, "full")
+    for r in rows:
+        r["schema_version"] = 99
+    bad = str(tmp_path / "L512_Bfull.parquet")
+    pq.write_table(schema.to_table(rows), bad)
+    with pytest.raises(schema.SchemaError, match=re.escape(bad)):
+        agg.aggregate(run["raw"][:2] + [bad], CONFIG, str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "all.parquet").exists()
+
+
+def test_truncated_file_refused(run, tmp_path):
+    with open(run["raw"][0], "rb") as f:
+        data = f.read()
+    bad = tmp_path / "truncated.parquet"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(schema.SchemaError, match=re.escape(str(bad))):
+        agg.aggregate([run["raw"][1], str(bad)], CONFIG, str(tmp_path / "out"))
+
+
+def test_duplicate_samples_refused(run, tmp_path):
+    with pytest.raises(ValueError, match="more than once"):
+        agg.read_raw([run["raw"][0], run["raw"][0]])
+
+
+def test_cli_without_raw_files_writes_every_output(tmp_path):
+    """`main` (the `python -m kvbench aggregate` hook); with no results every output still exists."""
+    import yaml
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"studies": {"long": CONFIG["studies"]["long"]}}))
+    assert agg.main(["--config", str(cfg), "--out", str(tmp_path / "res")]) == 0
+    res = tmp_path / "res"
+    assert pq.read_table(res / "all.parquet").num_rows == 0
+    assert "no data for this study" in (res / "tables" / "long.tex").read_text()
+    for name in ("bleu", "ppl", "memory", "latency", "pareto", "lagging", "heads"):
+        assert all((res / "figures" / f"{name}.{ext}").exists() for ext in ("pdf", "png", "csv"))

@@ -1,0 +1,36 @@
+# One eval job per (model, task, dataset, method, length, budget): one Parquet row per sample.
+
+
+rule evaluate:
+    input:
+        unpack(eval_inputs),
+    output:
+        "results/raw/{model}/{task}/{dataset}/{method}/L{length}_B{budget}.parquet",
+    log:
+        "logs/evaluate/{model}/{task}/{dataset}/{method}/L{length}_B{budget}.log",
+    conda:
+        "../../envs/kvbench.yaml"
+    threads: 1
+    resources:
+        gpu=gpu,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=240,
+    params:
+        type=method_type,
+        params=method_params,
+        task_params=task_params,
+        profile=lambda wc, input: (
+            f"--profile {input.profile}" if "profile" in input.keys() else ""
+        ),
+        seed=config["seed"],
+        device=config["device"],
+        dtype=config["dtype"],
+        chunk=config["chunk_size"],
+        hash=job_hash,
+    shell:
+        "OMP_NUM_THREADS={threads} python -m kvbench eval --model {input.model} --model-name {wildcards.model} "
+        "--task {wildcards.task} --data {input.data} --dataset {wildcards.dataset} "
+        "--method {wildcards.method} --type {params.type} --params-json {params.params} "
+        "--task-params-json {params.task_params} --budget {wildcards.budget} --length {wildcards.length} "
+        "{params.profile} --seed {params.seed} --device {params.device} --dtype {params.dtype} "
+        "--chunk-size {params.chunk} --config-hash {params.hash} --out {output} > {log} 2>&1"
