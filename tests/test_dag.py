@@ -61,9 +61,9 @@ def test_outputs_exist_and_are_non_trivial(dag_run):
     res = dag_run / "results"
     allp = pd.read_parquet(res / "all.parquet")
     assert set(allp["task"]) == {"translate_stream", "translate_batch", "ppl", "latency"}
-    assert set(allp["method"]) == {"full", "sink4", "h2o"}
+    assert set(allp["method"]) == {"full", "sink4", "h2o", "head_aware"}
     assert allp["git_commit"].notna().all() and allp["config_hash"].str.len().eq(12).all()
-    for study, n_rows in (("oracle", 2), ("long_sequences", 12), ("latency", 2)):
+    for study, n_rows in (("oracle", 2), ("long_sequences", 16), ("latency", 2)):
         t = pd.read_csv(res / "tables" / f"{study}.csv")
         assert len(t) == n_rows, (study, t)
         assert (res / "tables" / f"{study}.tex").read_text().count("\\midrule") >= 1

@@ -88,7 +88,7 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     g = hq // hkv
     mask = store.mask(seq, role == ROLE_TARGET, ROLE_TARGET)  # (Hkv, n, C)
     scaling = module.scaling if scaling is None else scaling
-    if store.score is None:
+    if store.score is None and store.recorded is None:
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1),
             attn_mask=mask.repeat_interleave(g, dim=0)[None], scale=scaling,
@@ -100,6 +100,8 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
         s = s.masked_fill(~mask[:, None], float("-inf"))
         p = torch.softmax(s, dim=-1)  # (Hkv, g, n, C)
         store.observe(p.sum(dim=1))
+        if store.recorded is not None:  # head profiling: keep every query's attention row
+            store.recorded.append(p.reshape(hq, n, -1))
         out = torch.einsum("hgnc,hcd->hgnd", p, value[0].float()).to(query.dtype).reshape(1, hq, n, d)
     return out.transpose(1, 2).contiguous(), None  # (1, n, Hq, D)
 

@@ -54,7 +54,9 @@ class MemoryStats:
 
 def make_store(method: Method, geom: dict, dtype, device, layer: int, profile=None):
     if method.storage == "dense":
-        return KVStore(geom["n_kv_heads"], geom["head_dim"], dtype, device, track_scores=method.needs_scores)
+        store = KVStore(geom["n_kv_heads"], geom["head_dim"], dtype, device, track_scores=method.needs_scores)
+        store.layout = method.layout
+        return store
     return method.make_store(geom, dtype, device, layer, profile)
 
 
@@ -136,7 +138,7 @@ class Session:
             return
         for i, s in enumerate(self.stores):
             if bool((s.live() > self.budgets[i]).any()):
-                view = LayerView(s.seq, s.pos, s.role, s.valid, s.score)
+                view = LayerView(s.seq, s.pos, s.role, s.valid, s.score, layer=i)
                 s.compact(self.method.select(view, self.budgets[i]))
                 if self.method.cache_positions:
                     self._reindex_positions(s)

@@ -28,6 +28,7 @@ class KVStore:
         self.role = torch.empty(n_heads, 0, dtype=torch.int8, **e)
         self.valid = torch.empty(n_heads, 0, dtype=torch.bool, **e)
         self.score = torch.empty(n_heads, 0, dtype=torch.float32, **e) if track_scores else None
+        self.recorded: list | None = None  # set to [] to record attention probabilities (profiling)
 
     # ---- growth and attention inputs -------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor,

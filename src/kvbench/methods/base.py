@@ -38,6 +38,7 @@ class Method:
     needs_profile: ClassVar[bool] = False
     evicts: ClassVar[bool] = True
     storage: ClassVar[str] = "dense"
+    layout: ClassVar[str] = "dense"  # "padded_per_head" when heads hold different budgets
 
     @property
     def cache_positions(self) -> bool:
@@ -69,6 +70,7 @@ class LayerView:
     role: torch.Tensor
     valid: torch.Tensor
     score: torch.Tensor | None
+    layer: int = -1
 
     def age_rank(self) -> torch.Tensor:
         """(H, C): 0 for the oldest live entry of each head, counting up; invalid slots get C."""

@@ -1,0 +1,99 @@
+"""Head profiling (classifier on constructed maps, real profile on the tiny model) and head-aware budgets."""
+
+from __future__ import annotations
+
+import torch
+
+from kvbench import profiling, tasks
+from kvbench.engine.session import Session
+from kvbench.methods import method_from_config
+from kvbench.methods.head_aware import split_budget
+from kvbench.prompt import Prompter
+
+
+def constructed_maps(t=40, n=18):
+    """Four query heads over a repeated sequence: retrieval (argmax on the copied token),
+    induction (diffuse but half its mass there), local (last 3 keys), sink (first token)."""
+    q = torch.arange(1 + n, 1 + 2 * n - 1)
+    src = q - n + 1
+    p = torch.zeros(4, t, t)
+    for i in range(t):
+        p[2, i, max(0, i - 2) : i + 1] = 1.0
+        p[3, i, 0] = 1.0
+        p[0, i, : i + 1] = 1.0
+        p[1, i, : i + 1] = 1.0
+    for qi, si in zip(q, src):
+        p[0, qi] = 0.01
+        p[0, qi, si] = 1.0
+        p[1, qi, : qi + 1] = 1.0
+        p[1, qi, si] = float(qi)  # half the mass on the target, argmax too; but the copy is wrong
+    p = torch.tril(p)
+    p = p / p.sum(-1, keepdim=True)
+    return [p], q, src
+
+
+def test_classifier_on_constructed_maps():
+    probs, q, src = constructed_maps()
+    correct = torch.ones(len(q), dtype=torch.bool)
+    correct_induction_head = correct.clone()
+    ind, ret = profiling.copy_scores(probs, q, src, correct)
+    local, sink = profiling.local_sink_scores(probs, window=8)
+    # head 1's copies are marked wrong: an induction head that does not retrieve
+    ret[0, 1] = profiling.copy_scores([probs[0][1:2]], q, src, ~correct_induction_head)[1][0, 0]
+    types = [profiling.classify(float(ret[0, h]), float(ind[0, h]), 0.3, 0.3) for h in range(4)]
+    assert types == ["retrieval", "induction", "local", "local"]
+    assert local[0, 2] > 0.99 and sink[0, 3] > 0.99 and ret[0, 0] == 1.0
+
+
+def test_profile_on_tiny_model(tiny, tmp_path):
+    model, tok, d = tiny
+    df = profiling.run_profile(d, str(tmp_path / "h.parquet"), n_prompts=1, copy_len=16, doc_length=256)
+    assert set(df.columns) >= set(profiling.COLUMNS)
+    assert len(df) == 4 * 4
+    prof = profiling.read_profile(str(tmp_path / "h.parquet"), model)
+    assert len(prof.types) == 4 and all(len(t) == 2 for t in prof.types)
+
+
+def test_split_budget():
+    assert split_budget(20, [1, 1], 5) == [10, 10]
+    b = split_budget(64 * 2, [2.0, 0.5], 5)
+    assert sum(b) == 128 and b[0] > b[1] >= 5
+
+
+class FakeProfile:
+    types = [["retrieval", "local"], ["local", "induction"], ["local", "local"], ["retrieval", "retrieval"]]
+
+
+def run(tiny, doc, name, params, budget):
+    model, tok, d = tiny
+    p = Prompter(tok, d, "syn_src", "syn_tgt")
+    sess = Session(model, method_from_config(name, params), budget, chunk_size=8, profile=FakeProfile())
+    row = tasks.translate(sess, p, doc, k=3)
+    return sess, row
+
+
+def test_head_budgets_respected_and_bytes(tiny, docs):
+    budget = 16
+    sess, _ = run(tiny, docs[96][0], "head_aware", {}, budget)
+    b = sess.budgets  # (L, H)
+    assert (b.sum(1) == budget * 2).all() and b[0, 0] > b[0, 1]
+    for i, s in enumerate(sess.stores):
+        assert (s.live() <= b[i]).all()
+    # allocated = heads x largest head budget per layer (padding), reported against budget bytes
+    alloc = sum(2 * int(b[i].max()) for i in range(4)) * 64 * 2 * 4
+    assert sess.memory.after_step_bytes[-1] == alloc
+    overhead = alloc / sess.budget_bytes(budget) - 1
+    assert 0 <= overhead < 1.0
+
+
+def test_equal_shares_equal_uniform(tiny, docs):
+    eq = {"share_retrieval": 1.0, "share_induction": 1.0, "share_local": 1.0}
+    a = run(tiny, docs[96][1], "head_aware", eq, 16)[1]
+    b = run(tiny, docs[96][1], "uniform", {}, 16)[1]
+    assert a["hypothesis"] == b["hypothesis"] and a["delays"] == b["delays"]
+
+
+def test_head_aware_budget_above_length_is_full(tiny, docs):
+    a = run(tiny, docs[96][0], "head_aware", {}, 4096)[1]
+    b = run(tiny, docs[96][0], "full", {}, None)[1]
+    assert a["hypothesis"] == b["hypothesis"]
