@@ -42,4 +42,6 @@ def docs():
 
 
 def pytest_configure(config):
+    # subprocesses (CLI, Snakemake jobs) inherit this; in-process torch is capped here too
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -10,7 +10,7 @@ from kvbench.engine.session import Session
 from kvbench.methods import REGISTRY, method_from_config
 from kvbench.prompt import Prompter
 
-EVICTING = [n for n, c in REGISTRY.items() if c.evicts and not c.needs_profile]
+EVICTING = [n for n, c in REGISTRY.items() if c.evicts and not c.needs_profile and c.storage == "dense"]
 
 
 def prompter(tiny, translate=True):

@@ -146,7 +146,7 @@ def cell_table(df: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.D
         row = dict(zip(KEYS, key)) | _cell(g)
         model, task, dataset, method, length, _ = key
         full = groups.get((model, task, dataset, "full", length, "full"))
-        if task in TRANSLATION and method != "full" and full is not None:
+        if n_resamples > 0 and task in TRANSLATION and method != "full" and full is not None:
             row |= _bootstrap(g, full, n_resamples, seed)
         rows.append(row)
     cols = KEYS + ["n_samples", "bleu", "chrf", "al", "laal", "perplexity", "decode_ms_median",
@@ -258,7 +258,25 @@ def _write_csv(df: pd.DataFrame, path: str) -> str:
     return path
 
 
-def aggregate(raw_files: list[str], config: dict, out_dir: str, heads_files: list[str] = ()) -> dict:
+# which tasks each figure reads (its Snakemake rule asks for exactly those raw files)
+FIGURE_TASKS = {"bleu": ("translate_stream", "translate_batch"), "ppl": ("ppl",), "latency": ("latency",),
+                "pareto": ("translate_stream",), "lagging": ("translate_stream",),
+                "memory": ("translate_stream", "translate_batch", "ppl", "latency"), "heads": ()}
+
+
+def figure(name: str, raw_files: list[str], out_dir: str, heads_files: list[str] = ()) -> list[str]:
+    """One figure (PDF, PNG and its data as CSV) from the raw files it needs."""
+    if name == "heads":
+        return figures.plot_heads(list(heads_files), os.path.join(out_dir, "figures"))
+    if name not in figures.FIGURES:
+        raise ValueError(f"unknown figure {name!r}; known: {sorted(FIGURE_TASKS)}")
+    table = read_raw(list(raw_files))
+    cells = cell_table(table.to_pandas(), n_resamples=0)  # figures need no bootstrap
+    return figures.FIGURES[name](cells, os.path.join(out_dir, "figures"))
+
+
+def aggregate(raw_files: list[str], config: dict, out_dir: str, heads_files: list[str] = (),
+              with_figures: bool = True) -> dict:
     """Run the whole aggregation; returns {path relative to out_dir: absolute path} of every file written."""
     opts = config.get("aggregate") or {}
     table = read_raw(list(raw_files))
@@ -278,7 +296,7 @@ def aggregate(raw_files: list[str], config: dict, out_dir: str, heads_files: lis
         written[f"tables/{name}.tex"] = tex
 
     fig_dir = os.path.join(out_dir, "figures")
-    for path in figures.write_all(cells, list(heads_files), fig_dir):
+    for path in figures.write_all(cells, list(heads_files), fig_dir) if with_figures else []:
         written[os.path.relpath(path, out_dir)] = path
     return {k: os.path.abspath(v) for k, v in written.items()}
 
@@ -287,11 +305,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="kvbench aggregate", description=__doc__.split("\n\n")[0])
     p.add_argument("--raw", nargs="*", default=[], metavar="FILE", help="raw per-sample result Parquets")
     p.add_argument("--heads", nargs="*", default=[], metavar="FILE", help="head-profile Parquets (optional)")
-    g = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--figure", help="write only this figure (bleu, ppl, memory, latency, pareto, lagging, heads)")
+    p.add_argument("--no-figures", action="store_true", help="tables and all.parquet only")
+    g = p.add_mutually_exclusive_group()
     g.add_argument("--config", help="config.yaml (its `studies` select the tables)")
     g.add_argument("--config-json", help="the same config as one JSON object (what the Snakemake rule passes)")
     p.add_argument("--out", default="results", metavar="DIR", help="output directory (default: results)")
     args = p.parse_args(argv)
+    if args.figure:
+        paths = figure(args.figure, args.raw, args.out, args.heads)
+        print(f"aggregate: figure {args.figure} from {len(args.raw)} raw files -> {paths}")
+        return 0
+    if not (args.config or args.config_json):
+        p.error("--config or --config-json is required (unless --figure)")
     if args.config_json:
         config = json.loads(args.config_json)
     else:  # only `studies` (and `aggregate`) are read here; the full config is validated upstream
@@ -299,7 +325,7 @@ def main(argv=None) -> int:
 
         with open(args.config, encoding="utf-8") as f:
             config = yaml.safe_load(f) or {}
-    written = aggregate(args.raw, config, args.out, args.heads)
+    written = aggregate(args.raw, config, args.out, args.heads, with_figures=not args.no_figures)
     print(f"aggregate: {len(args.raw)} raw files -> {len(written)} outputs under {args.out}")
     return 0
 

@@ -75,7 +75,8 @@ def cmd_methods(a) -> None:
     from .methods import REGISTRY
 
     for name, cls in sorted(REGISTRY.items()):
-        flags = [f for f in ("needs_scores", "needs_profile") if getattr(cls, f)]
+        inst = cls()
+        flags = [f for f in ("needs_scores", "needs_profile") if getattr(inst, f)]
         print(f"{name}  ({cls.paper}){'  needs: ' + ', '.join(flags) if flags else ''}")
         for f in dataclasses.fields(cls):
             print(f"    {f.name}: {f.type} = {f.default!r}")

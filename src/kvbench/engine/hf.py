@@ -58,7 +58,7 @@ class StoreLayer(CacheLayerMixin):
         return int(self.store.seq.max()) + 1 if self.store.seq.numel() else 0
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        return self.store.k.shape[1] + query_length, 0
+        return self.store.seq.shape[1] + query_length, 0
 
     def get_max_length(self) -> int:
         return -1

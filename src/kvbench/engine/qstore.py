@@ -1,0 +1,318 @@
+"""Bit-packed KV storage with a full-precision residual window, per-head bits and real eviction.
+
+`QuantKVStore` has KVStore's interface (append, keys_values, mask, observe, live, compact, nbytes,
+live_bytes, meta_bytes; (H, C) metadata seq/pos/role/valid/score), so any selection rule sits on it.
+Each KV head h owns three tiers, in this slot order (the (H, C) metadata is padded to the longest head):
+
+  hi     (n_hi, D)  tokens kept at high precision (sinks, outliers): K and V quantized per token
+                    at `hi_bits` (or stored as-is at 16); rows are independent, eviction is exact.
+  body   (n_b, D)   KIVI (Liu et al. 2024, arXiv:2402.02750): keys per channel in groups of G
+                    consecutive tokens (scale/zero (n_groups, D)), values per token in groups of G
+                    channels (scale/zero (n_b, D/G)); codes bit-packed along D, one row per token.
+  resid  (n_r, D)   the most recent tokens in the cache dtype. Tokens older than the last `residual`
+                    leave it in whole groups of G (hi-flagged ones go to `hi` one by one), so
+                    n_r <= residual + G - 1 after every append.
+
+Bits are per head (`key_bits[h]`, `value_bits[h]`); 16 means stored unquantized in the cache dtype.
+Attention reads dequantized values: keys_values() rebuilds (H, C, D) from the codes at every call
+(no full-precision copy of the body is kept). nbytes() is what the tiers allocate: codes + scales +
+zeros + residual, per head, so heads of different lengths or bits add no padding; the padded (H, C)
+metadata is counted in meta_bytes().
+
+Eviction inside a channel-quantized key group: codes are stored one row per token and a group's
+scale/zero stay valid for any subset of its tokens, so compact() drops rows exactly (survivors keep
+codes and grid: no extra error, values included); a group's scale/zero are freed with its last
+token. A group left with fewer than G tokens is "partial"; a head holds at most MAX_PARTIAL of them
+(2: a sink group plus the group a sliding window is eating, so StreamingLLM-like rules never
+re-quantize). Beyond that (scattered eviction, e.g. H2O) the partial groups are merged: their
+survivors' keys are dequantized, ordered by stream position and re-packed in whole groups of G, the
+remainder (< G tokens) as one partial group. A merge adds at most the new group's scale / 2 per key
+entry to what attention saw before (a key merged m times carries at most m + 1 half-scales); values
+are per token and never re-packed. `bytes_bound` prices all of this for budget conversion.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant import QTensor, packed_len, quantize, quantized_nbytes, unpack_codes
+from .store import KVStore
+
+MAX_PARTIAL = 2
+META = ("seq", "pos", "role", "valid", "flag", "score")
+
+
+def _nb(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _no_assign(self, value) -> None:
+    if value.shape[1]:  # KVStore.__init__ assigns empty tensors; anything else would bypass packing
+        raise AttributeError("QuantKVStore K/V are packed: they cannot be assigned (no RoPE re-rotation)")
+
+
+class Rows:
+    """(n, D) tokens quantized one row at a time (groups of G channels, axis "token")."""
+
+    def __init__(self, d, bits, g, dtype, device, sdt):
+        self.d, self.bits, self.g, self.sdt = d, bits, g, sdt
+        raw = bits == 16
+        self.q = torch.empty(0, d if raw else packed_len(d, bits), dtype=dtype if raw else torch.uint8, device=device)
+        self.s = torch.empty(0, 0 if raw else d // g, dtype=sdt, device=device)  # (n, D/G)
+        self.z = self.s.clone()
+
+    def __len__(self) -> int:
+        return self.q.shape[0]
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.bits == 16:
+            self.q = torch.cat([self.q, x.to(self.q.dtype)])
+            return
+        t = quantize(x, self.bits, self.g, "token", self.sdt)
+        self.q, self.s, self.z = (torch.cat(p) for p in ((self.q, t.packed), (self.s, t.scale), (self.z, t.zero)))
+
+    def take(self, idx: torch.Tensor) -> None:
+        self.q = self.q[idx]
+        if self.bits < 16:
+            self.s, self.z = self.s[idx], self.z[idx]
+
+    def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        idx = keep.nonzero().squeeze(1)
+        self.take(idx)
+        return idx
+
+    def deq(self, dtype) -> torch.Tensor:
+        if self.bits < 16 and not len(self):
+            return torch.empty(0, self.d, dtype=dtype, device=self.q.device)
+        return QTensor(self.q, self.s, self.z, self.bits, self.g, "token", (len(self), self.d)).dequantize(dtype)
+
+    def nbytes(self) -> int:
+        return _nb(self.q, self.s, self.z)
+
+
+class ChannelKeys:
+    """(n, D) keys quantized per channel in groups of consecutive tokens; one code row per token,
+    rows stored group after group, `size` (n_groups,) tokens per group (G, or fewer if partial)."""
+
+    def __init__(self, d, bits, g, device, sdt):
+        self.d, self.bits, self.g, self.sdt = d, bits, g, sdt
+        self.q = torch.empty(0, packed_len(d, bits), dtype=torch.uint8, device=device)
+        self.s = torch.empty(0, d, dtype=sdt, device=device)  # (n_groups, D)
+        self.z = self.s.clone()
+        self.size = torch.empty(0, dtype=torch.long, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """x (n, D): whole groups of G, or one partial group (n < G)."""
+        g = self.g if x.shape[0] % self.g == 0 else x.shape[0]
+        t = quantize(x, self.bits, g, "channel", self.sdt)
+        self.q, self.s, self.z = (torch.cat(p) for p in ((self.q, t.packed), (self.s, t.scale), (self.z, t.zero)))
+        self.size = torch.cat([self.size, self.size.new_full((x.shape[0] // g,), g)])
+
+    def deq(self, dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.q.shape[0]:
+            return torch.empty(0, self.d, dtype=dtype, device=self.q.device)
+        gid = torch.repeat_interleave(torch.arange(len(self.size), device=self.q.device), self.size)
+        q = self.q if rows is None else self.q[rows]
+        gid = gid if rows is None else gid[rows]
+        c = unpack_codes(q, self.bits, self.d).float()  # same arithmetic as QTensor.dequantize
+        return (c * self.s[gid].float() + self.z[gid].float()).to(dtype)
+
+    def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        """Drop rows where keep (n,) is False; returns the surviving rows' old indices in new order."""
+        gid = torch.repeat_interleave(torch.arange(len(self.size), device=keep.device), self.size)
+        left = torch.zeros_like(self.size).index_add_(0, gid, keep.long())  # survivors per group
+        alive, partial = left > 0, (left > 0) & (left < self.g)
+        if int(partial.sum()) <= MAX_PARTIAL:
+            rows = keep.nonzero().squeeze(1)
+            self.q, self.s, self.z, self.size = self.q[rows], self.s[alive], self.z[alive], left[alive]
+            return rows
+        merge = keep & partial[gid]
+        rows = (keep & ~merge).nonzero().squeeze(1)
+        mrows = merge.nonzero().squeeze(1)
+        mrows = mrows[torch.argsort(seq[mrows], stable=True)]
+        x = self.deq(torch.float32, mrows)  # (m, D) what attention saw
+        full = alive & ~partial
+        self.q, self.s, self.z, self.size = self.q[rows], self.s[full], self.z[full], left[full]
+        f = x.shape[0] // self.g * self.g
+        if f:
+            self.add(x[:f])
+        if f < x.shape[0]:
+            self.add(x[f:])
+        return torch.cat([rows, mrows])
+
+    def nbytes(self) -> int:
+        return _nb(self.q, self.s, self.z)
+
+
+class _Head:
+    def __init__(self, d, kb, vb, hi_bits, g, dtype, device, sdt):
+        self.hk, self.hv = (Rows(d, b, g, dtype, device, sdt) for b in hi_bits)
+        self.bk = Rows(d, 16, g, dtype, device, sdt) if kb == 16 else ChannelKeys(d, kb, g, device, sdt)
+        self.bv = Rows(d, vb, g, dtype, device, sdt)
+        self.rk = torch.empty(0, d, dtype=dtype, device=device)  # (n_r, D)
+        self.rv = self.rk.clone()
+        self.n_hi = self.n_body = 0
+
+    def nbytes(self) -> int:
+        return self.hk.nbytes() + self.hv.nbytes() + self.bk.nbytes() + self.bv.nbytes() + _nb(self.rk, self.rv)
+
+
+class QuantKVStore(KVStore):
+    """KVStore's metadata, mask, observe and live; its own tiered, packed K/V storage."""
+
+    layout = "packed_quant"
+    compute = "dequantized"
+
+    def __init__(self, n_heads: int, head_dim: int, dtype, device, key_bits, value_bits, group_size: int,
+                 residual: int, track_scores: bool = False, hi_bits=(16, 16), max_hi: int = 0,
+                 flagger=None, scale_dtype=torch.float16):
+        super().__init__(n_heads, head_dim, dtype, device, track_scores)
+        self.dtype, self.device = dtype, device
+        self.g, self.residual, self.max_hi, self.flagger = group_size, residual, max_hi, flagger
+        self.key_bits, self.value_bits, self.hi_bits = list(key_bits), list(value_bits), tuple(hi_bits)
+        self.scale_dtype = scale_dtype
+        self.heads = [_Head(head_dim, kb, vb, hi_bits, group_size, dtype, device, scale_dtype)
+                      for kb, vb in zip(self.key_bits, self.value_bits)]
+        self.flag = torch.empty(n_heads, 0, dtype=torch.bool, device=device)  # True: to `hi` on leaving resid
+
+    # ---- growth and attention inputs -------------------------------------------------------
+    def append(self, k, v, seq, pos, role) -> None:
+        """k, v: (H, n, D); seq, pos, role: (n,) shared by all heads."""
+        n, c, lens = k.shape[1], self.seq.shape[1], self.live().tolist()
+        flag = self.flagger(k, seq) if self.flagger else torch.zeros(self.h, n, dtype=torch.bool, device=k.device)
+        new = dict(seq=seq.expand(self.h, n), pos=pos.expand(self.h, n), role=role.to(torch.int8).expand(self.h, n),
+                   valid=flag.new_ones(self.h, n), flag=flag, score=torch.zeros(self.h, n, device=k.device))
+        for name in META:
+            if getattr(self, name) is not None:
+                setattr(self, name, torch.cat([getattr(self, name), new[name].to(getattr(self, name).dtype)], 1))
+        idxs = []
+        for h, hd in enumerate(self.heads):
+            hd.rk, hd.rv = torch.cat([hd.rk, k[h].to(self.dtype)]), torch.cat([hd.rv, v[h].to(self.dtype)])
+            slots = torch.cat([torch.arange(lens[h], device=k.device), c + torch.arange(n, device=k.device)])
+            idxs.append(slots[self._flush(hd, self.flag[h, slots])])
+        self._regather(idxs)
+
+    def _flush(self, hd: _Head, flag: torch.Tensor) -> torch.Tensor:
+        """Move residual tokens older than the window out: flagged ones to `hi` (while it has room),
+        the rest to the body in whole groups of G. Returns the head's new slot order."""
+        n, a = flag.shape[0], hd.n_hi
+        b = a + hd.n_body
+        old = n - b - self.residual
+        if old <= 0:
+            return torch.arange(n, device=flag.device)
+        hi = flag[b:b + old].nonzero().squeeze(1)[: max(self.max_hi - a, 0)]  # residual-relative
+        rest = torch.ones(old, dtype=torch.bool, device=flag.device)
+        rest[hi] = False
+        normal = rest.nonzero().squeeze(1)
+        body = normal[: normal.shape[0] // self.g * self.g]
+        stay = torch.ones(n - b, dtype=torch.bool, device=flag.device)
+        stay[hi], stay[body] = False, False
+        if hi.numel():
+            hd.hk.add(hd.rk[hi]), hd.hv.add(hd.rv[hi])
+        if body.numel():
+            hd.bk.add(hd.rk[body]), hd.bv.add(hd.rv[body])
+        hd.rk, hd.rv = hd.rk[stay], hd.rv[stay]
+        hd.n_hi, hd.n_body = a + hi.numel(), hd.n_body + body.numel()
+        ar = torch.arange(n, device=flag.device)
+        return torch.cat([ar[:a], b + hi, ar[a:b], b + body, b + stay.nonzero().squeeze(1)])
+
+    def _regather(self, idxs: list[torch.Tensor]) -> None:
+        """Rebuild the padded (H, C) metadata: head h's slots become old slots idxs[h], in order."""
+        lens = torch.tensor([i.shape[0] for i in idxs], device=self.seq.device)
+        c = int(lens.max()) if lens.numel() else 0
+        for name in META:
+            t = getattr(self, name)
+            if t is None or name == "valid":
+                continue
+            out = t.new_zeros(self.h, c)
+            for h, i in enumerate(idxs):
+                out[h, : i.shape[0]] = t[h, i]
+            setattr(self, name, out)
+        self.valid = torch.arange(c, device=lens.device)[None, :] < lens[:, None]
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, C, D) dequantized keys and values in the cache dtype, zeros in padding slots."""
+        c = self.seq.shape[1]
+        ks = torch.zeros(self.h, c, self.d, dtype=self.dtype, device=self.device)
+        vs = torch.zeros_like(ks)
+        for h, hd in enumerate(self.heads):
+            kh = torch.cat([hd.hk.deq(self.dtype), hd.bk.deq(self.dtype), hd.rk])
+            ks[h, : kh.shape[0]] = kh
+            vs[h, : kh.shape[0]] = torch.cat([hd.hv.deq(self.dtype), hd.bv.deq(self.dtype), hd.rv])
+        return ks, vs
+
+    # dequantized (H, C, D) views for code written against KVStore (hf.get_mask_sizes reads k.shape)
+    k = property(lambda self: self.keys_values()[0], _no_assign)
+    v = property(lambda self: self.keys_values()[1], _no_assign)
+
+    # ---- eviction ------------------------------------------------------------------------
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep the slots where keep (H, C) is True; frees codes, scales and residual rows."""
+        keep = keep & self.valid
+        if torch.equal(keep, self.valid):
+            return
+        idxs = []
+        for h, hd in enumerate(self.heads):
+            n = int(self.valid[h].sum())
+            a, b, kh = hd.n_hi, hd.n_hi + hd.n_body, keep[h, :n]
+            hi = kh[:a].nonzero().squeeze(1)
+            hd.hk.take(hi), hd.hv.take(hi)
+            body = hd.bk.keep(kh[a:b], self.seq[h, a:b])
+            hd.bv.take(body)
+            res = kh[b:].nonzero().squeeze(1)
+            hd.rk, hd.rv = hd.rk[res], hd.rv[res]
+            hd.n_hi, hd.n_body = hi.numel(), body.numel()
+            idxs.append(torch.cat([hi, a + body, b + res]))
+        self._regather(idxs)
+
+    # ---- accounting ----------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Codes + scales + zeros + residual, per head (no padding in K/V storage)."""
+        return sum(hd.nbytes() for hd in self.heads)
+
+    def live_bytes(self) -> int:
+        return self.nbytes()
+
+    def meta_bytes(self) -> int:
+        ts = [getattr(self, n) for n in META if getattr(self, n) is not None]
+        ts += [hd.bk.size for hd in self.heads if isinstance(hd.bk, ChannelKeys)]
+        return _nb(*ts) + (self.flagger.nbytes() if hasattr(self.flagger, "nbytes") else 0)
+
+    def counts(self) -> list[dict]:
+        """Per head: tokens in each tier and the body's key-group sizes (for tests and reports)."""
+        return [dict(hi=hd.n_hi, body=hd.n_body, res=hd.rk.shape[0],
+                     groups=hd.bk.size.tolist() if isinstance(hd.bk, ChannelKeys) else [])
+                for hd in self.heads]
+
+    def cost_args(self, h: int) -> dict:
+        return dict(d=self.d, dtype=self.dtype, key_bits=self.key_bits[h], value_bits=self.value_bits[h],
+                    group_size=self.g, residual=self.residual, n_hi=self.max_hi, hi_bits=self.hi_bits,
+                    scale_dtype=self.scale_dtype)
+
+
+def bytes_bound(n: int, d: int, dtype, key_bits: int, value_bits: int, group_size: int, residual: int,
+                n_hi: int = 0, hi_bits=(16, 16), scale_dtype=torch.float16) -> int:
+    """Most bytes one head can allocate holding n tokens: the dearest tiers filled first (residual
+    <= residual + G - 1 tokens at full price, then up to n_hi high-precision tokens, then the body
+    with at most MAX_PARTIAL partial key groups). Assumes hi bits >= body bits."""
+    row = lambda b: quantized_nbytes((1, d), b, group_size, "token", scale_dtype, dtype)  # noqa: E731
+    r = min(n, residual + group_size - 1)
+    hi = min(n - r, n_hi)
+    body = n - r - hi
+    out = r * 2 * row(16) + hi * (row(hi_bits[0]) + row(hi_bits[1])) + body * row(value_bits)
+    if key_bits == 16:
+        return out + body * row(16)
+    q = min(MAX_PARTIAL, body)
+    groups = (body - q) // group_size + q
+    return out + body * packed_len(d, key_bits) + groups * 2 * d * torch.empty(0, dtype=scale_dtype).element_size()
+
+
+def max_tokens(allowance: int, **cost) -> int:
+    """Largest n with bytes_bound(n, **cost) <= allowance (bytes)."""
+    lo, hi = 0, 1
+    while bytes_bound(hi, **cost) <= allowance:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if bytes_bound(mid, **cost) <= allowance else (lo, mid)
+    return lo
