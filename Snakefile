@@ -6,7 +6,7 @@
 # config.yaml is the offline default; `--configfile other.yaml` replaces it (no merging of grids)
 if not workflow.overwrite_configfiles:
 
-    configfile: "config.yaml"
+    configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 include: "workflow/rules/common.smk"
@@ -14,6 +14,11 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/profile.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
+
+
+# figures are seconds of work: on a cluster they run beside Snakemake instead of queueing
+localrules:
+    figure,
 
 
 # Raw results are listed too: a deleted raw Parquet is re-run (and re-aggregated), never silently dropped.

@@ -61,7 +61,7 @@ def test_outputs_exist_and_are_non_trivial(dag_run):
     res = dag_run / "results"
     allp = pd.read_parquet(res / "all.parquet")
     assert set(allp["task"]) == {"translate_stream", "translate_batch", "ppl", "latency"}
-    assert set(allp["method"]) == {"full", "sink4", "h2o", "head_aware"}
+    assert set(allp["method"]) == {"full", "sink4", "h2o", "head_aware", "haq_kv", "squant"}
     assert allp["git_commit"].notna().all() and allp["config_hash"].str.len().eq(12).all()
     for study, n_rows in (("oracle", 2), ("long_sequences", 16), ("latency", 2)):
         t = pd.read_csv(res / "tables" / f"{study}.csv")
@@ -81,7 +81,8 @@ def test_resume_plans_only_missing(dag_run):
     assert planned(dag_run) == {}
     victim = dag_run / "results" / "raw" / "micro" / "ppl" / "synth" / "h2o" / "L192_B32.parquet"
     victim.unlink()
-    assert planned(dag_run) == {"evaluate": 1, "aggregate": 1, "all": 1}
+    # that job, the tables, and the two figures that plot ppl results (ppl, memory)
+    assert planned(dag_run) == {"evaluate": 1, "aggregate": 1, "figure": 2, "all": 1}
     snakemake(dag_run, "--cores", "2")
     assert victim.exists() and planned(dag_run) == {}
 
@@ -89,3 +90,19 @@ def test_resume_plans_only_missing(dag_run):
 def test_report(dag_run):
     snakemake(dag_run, "--report", str(dag_run / "report.html"))
     assert (dag_run / "report.html").stat().st_size > 10000
+
+
+def test_one_figure_plans_only_its_jobs(tmp_path):
+    from kvbench.config import job_table, load_config
+
+    jobs = job_table(load_config(TINY))
+    want = sum(j.task in ("translate_stream", "translate_batch") for j in jobs)
+    got = planned(tmp_path, "results/figures/bleu.pdf")
+    assert got.get("evaluate") == want < len(jobs)
+    assert "aggregate" not in got and got["figure"] == 1
+
+
+def test_heads_profile_and_figure(dag_run):
+    heads = pd.read_parquet(dag_run / "results" / "heads" / "micro.parquet")
+    assert {"retrieval", "induction", "local", "type", "kv_type"} <= set(heads.columns)
+    assert (dag_run / "results" / "figures" / "heads.png").stat().st_size > 5000

@@ -1,10 +1,11 @@
-# Aggregation: all.parquet, per-study CSV/LaTeX tables, figures (PDF + PNG) for the report.
+# Aggregation: all.parquet and per-study CSV/LaTeX tables from every raw result; each figure
+# (PDF + PNG + its data as CSV) from only the raw results it plots, so asking for one figure runs
+# only the jobs it needs.
 
 
 rule aggregate:
     input:
         raw=[raw_path(j) for j in JOBS],
-        heads=expand("results/heads/{model}.parquet", model=PROFILED_MODELS),
     output:
         all="results/all.parquet",
         cells="results/tables/cells.csv",
@@ -13,15 +14,6 @@ rule aggregate:
             study=list(config["studies"]),
             ext=["csv", "tex"],
         ),
-        figures=[
-            report(
-                f"results/figures/{f}.pdf",
-                caption="../report/figures.rst",
-                category="Figures",
-            )
-            for f in FIGURES
-        ],
-        pngs=[f"results/figures/{f}.png" for f in FIGURES],
     log:
         "logs/aggregate.log",
     conda:
@@ -33,5 +25,35 @@ rule aggregate:
         config=shlex.quote(json.dumps(config)),
         out=lambda wc, output: os.path.dirname(output.all),
     shell:
-        "python -m kvbench aggregate --config-json {params.config} --raw {input.raw} "
+        "python -m kvbench aggregate --no-figures --config-json {params.config} --raw {input.raw} "
+        "--out {params.out} > {log} 2>&1"
+
+
+rule figure:
+    input:
+        raw=figure_inputs,
+        heads=lambda wc: (
+            expand("results/heads/{model}.parquet", model=PROFILED_MODELS)
+            if wc.name == "heads"
+            else []
+        ),
+    output:
+        pdf=report(
+            "results/figures/{name}.pdf",
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+        png="results/figures/{name}.png",
+        csv="results/figures/{name}.csv",
+    log:
+        "logs/figure/{name}.log",
+    conda:
+        "../../envs/kvbench.yaml"
+    resources:
+        mem_mb=lambda wc, attempt: 2000 * attempt,
+        runtime=15,
+    params:
+        out=lambda wc, output: os.path.dirname(os.path.dirname(output.pdf)),
+    shell:
+        "python -m kvbench aggregate --figure {wildcards.name} --raw {input.raw} "
         "--heads {input.heads} --out {params.out} > {log} 2>&1"

@@ -13,6 +13,7 @@ from kvbench.config import (
     job_table,
     validate_config,
 )  # noqa: E402
+from kvbench.aggregate import FIGURE_TASKS  # noqa: E402
 from kvbench.methods import REGISTRY  # noqa: E402
 
 validate(config, "../schemas/config.schema.yaml")
@@ -20,7 +21,7 @@ validate_config(config)
 
 JOBS = job_table(config)
 USE_GPU = config.get("device", "auto") == "cuda"
-FIGURES = ["bleu", "ppl", "memory", "latency", "pareto", "lagging", "heads"]
+FIGURES = list(FIGURE_TASKS)
 PROFILED_MODELS = sorted(
     {
         j.model
@@ -36,6 +37,7 @@ wildcard_constraints:
     model=r"[A-Za-z0-9_.-]+",
     dataset=r"[A-Za-z0-9_.-]+",
     method=r"[A-Za-z0-9_.-]+",
+    name="|".join(FIGURE_TASKS),
 
 
 def raw_path(j):
@@ -67,6 +69,10 @@ def eval_inputs(wc):
 
 def job_hash(wc):
     return config_hash(job_config(config, wc.model, wc.task, wc.dataset, wc.method))
+
+
+def figure_inputs(wc):
+    return [raw_path(j) for j in JOBS if j.task in FIGURE_TASKS[wc.name]]
 
 
 def gpu(wc):
