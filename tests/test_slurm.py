@@ -340,3 +340,28 @@ def test_resume_after_slurmd_crash(slurm, slurm_profile, slurm_env, tmp_path):
     assert len(slurm_job_ids(out)) == 2
     assert {p: (work / p).stat().st_mtime_ns for p in TOY_OUTPUTS[:2]} == data_mtimes
     assert (work / "results/combined.txt").read_text() == "data 1\ndata 2\nweights 42\n"
+
+
+@pytest.mark.slurm
+def test_real_pipeline_dag_through_slurm(slurm, slurm_profile, slurm_env, tmp_path):
+    """The pipeline's own Snakefile on a small config: every model job through sbatch, and the
+    metrics equal a local run's."""
+    import pandas as pd
+
+    config = REPO / "tests" / "data" / "slurm.yaml"
+    args = ["--configfile", str(config)]
+    local, work = tmp_path / "local", tmp_path / "slurm"
+    for d in (local, work):
+        d.mkdir()
+    run_with_profile(local, REPO / "Snakefile", [*args, "--cores", "2"], env=local_env(),
+                     profile=PROFILES / "default", timeout=600)
+    out = run_with_profile(work, REPO / "Snakefile", [*args, *FAST_STATUS], env=slurm_env, profile=slurm_profile,
+                           timeout=900)
+    ids = slurm_job_ids(out)
+    assert len(ids) >= 6, out[-4000:]  # build_model, make_data, 4 x evaluate, aggregate
+    assert all(job_info(slurm, i).get("Partition") == slurm.partition for i in ids)
+    metrics = ["task", "method", "budget", "sample_id", "hypothesis", "nll_sum", "retained_tokens_mean",
+               "cache_bytes_peak"]
+    a = pd.read_parquet(local / "results" / "all.parquet")[metrics].sort_values(metrics[:4]).reset_index(drop=True)
+    b = pd.read_parquet(work / "results" / "all.parquet")[metrics].sort_values(metrics[:4]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6)
