@@ -48,13 +48,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import RESULTS, cached_model, machine, mixed_profile, print_table, write_csv  # noqa: E402
 
 GOAL = 1.10
+NOISY = 0.3  # median (p90 - p10) / median of the sessions' step times above which figures are not trusted
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Figures and goals: bench/README.md.")
     p.add_argument("--model", default="random:qwen2.5-0.5b",
-                   help="model source built once into bench/.cache/models (random:qwen2.5-0.5b, random:llama-3.2-1b, ...) "
+                   help="model source built once into bench/.cache/models "
+                        "(random:qwen2.5-0.5b, random:llama-3.2-1b, ...) "
                         "or an HF folder")
     p.add_argument("--methods", default="all", help="comma-separated registered evicting method types (default: all)")
     p.add_argument("--budgets", default="512", help="comma-separated budgets B (tokens per layer and KV head)")
@@ -64,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="decode steps discarded per session")
     p.add_argument("--repeats", type=int, default=15, help="timed decode steps per session")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | float16 | bfloat16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | float16 | bfloat16")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default="missed", help="missed | all | none | comma-separated method types: "
@@ -238,7 +241,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"context {max(contexts)} is beyond the model's {geom['max_positions']} positions")
     profile = mixed_profile(geom["n_layers"], geom["n_kv_heads"])
     print(f"# decode latency: {machine()}")
-    print(f"# model {a.model} ({geom['n_layers']} layers x {geom['n_kv_heads']} KV heads x head_dim {geom['head_dim']}, "
+    print(f"# model {a.model} ({geom['n_layers']} layers x {geom['n_kv_heads']} KV heads x "
+          f"head_dim {geom['head_dim']}, "
           f"{dtype}, {device}), contexts {contexts}, budgets {budgets}, chunk {a.chunk_size}, "
           f"warm-up {a.warmup}, repeats {a.repeats}", flush=True)
     g = torch.Generator().manual_seed(a.seed)
@@ -269,7 +273,8 @@ def main(argv=None) -> int:
         med = statistics.median(t.times)
         row = dict(session=t.label, method=t.method, budget=t.budget or "full", context=t.context,
                    cache_mib=t.sess.memory.after_step_bytes[-1] / 2**20, prefill_s=t.prefill_s, median_ms=med,
-                   p10_ms=pct(t.times, 0.1), p90_ms=pct(t.times, 0.9), spread=(pct(t.times, 0.9) - pct(t.times, 0.1)) / med,
+                   p10_ms=pct(t.times, 0.1), p90_ms=pct(t.times, 0.9),
+                   spread=(pct(t.times, 0.9) - pct(t.times, 0.1)) / med,
                    n=len(t.times))
         if t.kind == "method":
             ov, ov_lo, ov_hi = paired(t, full[t.budget])
@@ -288,6 +293,10 @@ def main(argv=None) -> int:
                        "overhead [p10,p90]", "saving [p10,p90]", "goal"], nd=2)
     for r in rows:
         r.pop("overhead [p10,p90]", None), r.pop("saving [p10,p90]", None)
+    noisy = statistics.median(r["spread"] for r in rows)
+    if noisy > NOISY:
+        print(f"WARNING: median spread {noisy:.2f} > {NOISY}: the machine was busy while timing; ratios are "
+              f"unreliable (check `uptime`, rerun when idle, or raise --repeats)")
     write_csv(rows, a.out)
 
     missed = [t for t, r in zip(sessions, rows) if r.get("goal") == "MISS"]

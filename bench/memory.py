@@ -108,7 +108,8 @@ def measure(model, model_dir, tok, mtype: str, budget, length: int, a, profile) 
     live = sum(st.live_bytes() for st in s.stores) if all(hasattr(st, "live_bytes") for st in s.stores) else None
     retained = sum(int(st.live().sum()) for st in s.stores)  # over layers and heads
     row.update(layout=s.layout(), bytes=alloc, live_bytes=live, bytes_peak=mem["cache_bytes_peak"],
-               meta_bytes_peak=mem["metadata_bytes_peak"], retained_per_head=retained / (g["n_layers"] * g["n_kv_heads"]))
+               meta_bytes_peak=mem["metadata_bytes_peak"],
+               retained_per_head=retained / (g["n_layers"] * g["n_kv_heads"]))
     if method.storage == "dense":
         held = min(n, budget) if budget else n
         theory = kv_bytes(held, g, elem)
