@@ -33,9 +33,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIAL_CONFIG = os.path.join(REPO, "tests", "data", "trial.yaml")
 # columns that measure time (differ run to run by nature) and are left out of every comparison
 TIMING = ("wall_seconds", "tokens_per_second", "decode_ms_median", "decode_ms_p90")
-# `revision` of a builtin model is a hash of its folder, which includes build_info.json (training
-# seconds); it is compared apart (tests/test_resume.py::test_model_revision_is_stable_across_builds)
-NOT_COMPARED = TIMING + ("revision",)
+# provenance that may change between two runs of the same config: `git_commit` (a commit landing
+# between the kill and the rerun), and `revision` of a builtin model, a hash of its folder that includes
+# build_info.json (training seconds; tests/test_resume.py::test_model_revision_is_stable_across_builds)
+VOLATILE = ("git_commit", "revision")
+NOT_COMPARED = TIMING + VOLATILE
 
 
 # ----------------------------------------------------------------------------- running Snakemake
@@ -208,20 +210,29 @@ def reference_run(base: str, config: str = TRIAL_CONFIG) -> dict:
 
 
 def trial(i: int, seed: int, ref: dict, base: str, config: str = TRIAL_CONFIG, max_fraction: float = 0.95) -> dict:
-    """Kill at a seeded random time, unlock, rerun, check. Returns a dict with `recovered` and details."""
+    """Kill at a seeded random time, unlock, rerun, check. Returns a dict with `recovered` and details.
+    The kill time is drawn in (0.5 s, 0.95 x the reference's duration); if the run ends first (it was
+    faster than the reference), the trial starts over with a time drawn from that run's duration."""
     rng = random.Random(f"{seed}:{i}")
-    kill_at = rng.uniform(0.5, max(1.0, max_fraction * ref["seconds"]))
+    limit = ref["seconds"]
     wd = os.path.join(base, f"trial{i:03d}")
-    os.makedirs(wd, exist_ok=True)
-    log = open(os.path.join(base, f"trial{i:03d}.log"), "w")
-    proc = subprocess.Popen(snakemake_cmd(wd, config), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    t0 = time.monotonic()
-    while proc.poll() is None and time.monotonic() - t0 < kill_at:
-        time.sleep(0.05)
-    finished_first = proc.poll() is not None
-    steps = [] if finished_first else running_steps(wd)
-    kill_all(proc, wd)
-    log.close()
+    for attempt in range(4):  # a run faster than the reference (less load) may end before the kill: redraw
+        kill_at = rng.uniform(0.5, max(1.0, max_fraction * limit))
+        shutil.rmtree(wd, ignore_errors=True)
+        os.makedirs(wd)
+        log = open(os.path.join(base, f"trial{i:03d}.log"), "w")
+        proc = subprocess.Popen(snakemake_cmd(wd, config), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        t0 = time.monotonic()
+        while proc.poll() is None and time.monotonic() - t0 < kill_at:
+            time.sleep(0.05)
+        finished_first = proc.poll() is not None
+        steps = [] if finished_first else running_steps(wd)
+        kill_all(proc, wd)
+        log.close()
+        if not finished_first:
+            break
+        limit = time.monotonic() - t0  # this run's own duration bounds the next draw
     stale = temp_files(wd)  # left by the killed writers
     rc_unlock, _, unlock_log = run_snakemake(wd, config, "--unlock")
     rc, seconds, rerun_log = run_snakemake(wd, config)
@@ -239,7 +250,8 @@ def trial(i: int, seed: int, ref: dict, base: str, config: str = TRIAL_CONFIG, m
             problems += differences(ref["metrics"], metrics(wd))
         except Exception as e:  # noqa: BLE001
             problems.append(f"cannot read final results: {type(e).__name__}: {e}")
-    return {"trial": i, "kill_at": round(kill_at, 1), "killed_during": steps or ["(already finished)"],
+    return {"trial": i, "kill_at": round(kill_at, 1), "attempts": attempt + 1,
+            "killed_during": steps or ["(already finished)"],
             "rerun_seconds": round(seconds, 1), "stale_tmp": [t for t in stale if t in after],
             "problems": problems, "recovered": not problems, "workdir": wd}
 
@@ -263,7 +275,8 @@ def main(argv=None) -> int:
         r = trial(i, a.seed, ref, base, config)
         results.append(r)
         status = "recovered" if r["recovered"] else "FAILED"
-        print(f"trial {i:2d}: kill at {r['kill_at']:6.1f} s during {', '.join(r['killed_during'])}; "
+        print(f"trial {i:2d}: kill at {r['kill_at']:6.1f} s (draw {r['attempts']}) during "
+              f"{', '.join(r['killed_during'])}; "
               f"rerun {r['rerun_seconds']:.1f} s; stale temp files {len(r['stale_tmp'])}; {status}", flush=True)
         for prob in r["problems"]:
             print(f"    - {prob}", flush=True)
@@ -273,7 +286,9 @@ def main(argv=None) -> int:
             shutil.rmtree(r["workdir"], ignore_errors=True)
     k = sum(r["recovered"] for r in results)
     n_stale = sum(bool(r["stale_tmp"]) for r in results)
-    print(f"recovered {k}/{len(results)} (trials leaving stale .tmp-* of the killed run: {n_stale}/{len(results)})")
+    n_cut = sum(r["killed_during"] != ["(already finished)"] for r in results)
+    print(f"recovered {k}/{len(results)} (runs interrupted by the kill: {n_cut}/{len(results)}; trials leaving "
+          f"stale .tmp-* of the killed run: {n_stale}/{len(results)})")
     if not a.keep and k == len(results):
         shutil.rmtree(base, ignore_errors=True)
     return 0 if k == len(results) else 1

@@ -1,7 +1,7 @@
 """A crash must lose nothing, and the same config must give the same numbers.
 
-    nice -n 19 python -m pytest -q tests/test_resume.py
-    KVBENCH_TRIALS=5 nice -n 19 python -m pytest -q tests/test_resume.py -k trials   # more kill trials
+    nice -n 19 python -m pytest -q -m robustness tests/test_resume.py
+    KVBENCH_TRIALS=5 nice -n 19 python -m pytest -q -m robustness tests/test_resume.py -k killed_dag  # more trials
 
 (a) per-sample resume: `kvbench eval` is SIGKILLed once its first sample's sidecar appears in
     `<out>.partial/`; the rerun computes only the unfinished samples (counted by a wrapper around
@@ -58,7 +58,8 @@ COUNTING = (
 
 
 def metric_columns(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop(columns=[c for c in bench.TIMING if c in df.columns]).sort_values("sample_id").reset_index(drop=True)
+    drop = [c for c in bench.TIMING + ("git_commit",) if c in df.columns]  # a commit may land between runs
+    return df.drop(columns=drop).sort_values("sample_id").reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
