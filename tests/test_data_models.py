@@ -40,6 +40,27 @@ def test_documents_have_long_range_bindings():
     assert first_binding < 40 and any(w in names for w in d.target[-100:])
 
 
+def test_target_names_are_target_language_words():
+    """A reference "the ROLE" translates to the bound name's target forms; no token is shared between
+    the two sides except "." (under GPE a shared token would not tell the model which side it is on)."""
+    lex = synth.lexicon()
+    d = synth.make_document(0, 1024, seed=1, lex=lex)
+    shared = set(d.source) & set(d.target)
+    assert shared == {"."}
+    called = lex.src["called"][0]
+    bindings = {d.source[i - 2]: (d.source[i + 1], d.source[i + 2]) for i, w in enumerate(d.source) if w == called}
+    role_src = {w: r for r, w in enumerate(lex.src["role"])}
+    refs = 0
+    for i, w in enumerate(d.source):
+        if w in bindings and d.source[i + 1] != lex.src["cop"][0]:  # a reference, not the binding
+            first, last = bindings[w]
+            assert d.target[i - 1 : i + 1] == [first + "x", last + "x"]
+            r = role_src[w]
+            assert first + "x" in lex.tfirst[r] and last + "x" in lex.tlast[r]
+            refs += 1
+    assert refs > 5
+
+
 def test_length_too_small_is_an_error():
     with pytest.raises(ValueError, match="too small for one sentence pair"):
         synth.make_document(0, 10, seed=0)
@@ -126,3 +147,33 @@ def test_builtin_micro_build_loads(tmp_path):
     assert (out / "training_log.csv").read_text().count("\n") == 4
     assert json.loads((out / "kvbench_source.json").read_text())["quality_meaningful"] is True
     assert not any(n.startswith(".tmp") for n in os.listdir(tmp_path))
+
+
+def test_builtin_training_resumes_bit_identical(tmp_path):
+    """Training killed after a checkpoint resumes from it and ends with the same weights and loss
+    curve as an uninterrupted run; a checkpoint of another recipe is ignored."""
+    import io
+
+    from safetensors.torch import load_file
+
+    from kvbench.builtin import train
+
+    full = train("micro-synth", str(tmp_path / "full"), steps=6, log=io.StringIO())
+    part = train("micro-synth", str(tmp_path / "cut"), steps=6, checkpoint_every=2, stop_after=3, log=io.StringIO())
+    assert part["complete"] is False and os.path.exists(part["checkpoint"])
+    assert not (tmp_path / "cut").exists()
+    log = io.StringIO()
+    info = train("micro-synth", str(tmp_path / "cut"), steps=6, log=log)
+    assert "resuming training" in log.getvalue() and info["resumed_from_step"] == 3
+    assert not os.path.exists(part["checkpoint"])  # removed once the model folder is written
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    strip = lambda t: [line.split(",")[:4] for line in t.splitlines()]  # noqa: E731 - drop wall seconds
+    assert strip((tmp_path / "full" / "training_log.csv").read_text()) == strip(
+        (tmp_path / "cut" / "training_log.csv").read_text())
+    assert full["final_loss"] == info["final_loss"]
+    # a checkpoint written for another recipe (here: another step count) is not trusted
+    train("micro-synth", str(tmp_path / "other"), steps=6, checkpoint_every=2, stop_after=2, log=io.StringIO())
+    log = io.StringIO()
+    info = train("micro-synth", str(tmp_path / "other"), steps=4, log=log)
+    assert "another recipe" in log.getvalue() and info["resumed_from_step"] is None

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -112,8 +113,36 @@ def lr_at(step: int, r: Recipe) -> float:
     return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train(name: str, out: str, seed: int = 0, steps: int | None = None, log=None) -> dict:
-    """Build tokenizer + model, train with the named recipe, save an HF folder atomically."""
+def _save_checkpoint(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path: str, recipe: Recipe, log) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint is discarded, never trusted
+        print(f"ignoring unreadable training checkpoint {path}: {type(e).__name__}: {e}", file=log)
+        return None
+    if state.get("recipe") != asdict(recipe):
+        print(f"ignoring training checkpoint {path}: it was written for another recipe", file=log)
+        return None
+    return state
+
+
+def train(name: str, out: str, seed: int = 0, steps: int | None = None, log=None,
+          checkpoint_every: int = 100, stop_after: int | None = None) -> dict:
+    """Build tokenizer + model, train with the named recipe, save an HF folder atomically.
+
+    Training state (weights, optimizer, RNG states, loss history) is checkpointed every
+    `checkpoint_every` steps to `<out>.ckpt`; a rerun with the same recipe resumes from it and ends
+    bit-identical to an uninterrupted run. `stop_after` ends this call after that many steps in
+    total, leaving the checkpoint (training in slices, e.g. under a cluster time limit); it returns
+    {"complete": False, ...} and writes no model folder.
+    """
     from transformers import LlamaForCausalLM
 
     if name not in RECIPES:
@@ -121,6 +150,7 @@ def train(name: str, out: str, seed: int = 0, steps: int | None = None, log=None
     recipe = Recipe(**{**RECIPES[name], "seed": seed})
     if steps is not None:
         recipe.steps = steps
+    log = log if log is not None else sys.stderr
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = build_tokenizer()
@@ -134,10 +164,22 @@ def train(name: str, out: str, seed: int = 0, steps: int | None = None, log=None
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.lr, betas=recipe.betas,
     )
-    history = []
-    t0 = time.perf_counter()
-    tokens = 0
-    bar = tqdm(range(recipe.steps), desc=f"train {name}", file=log, mininterval=10)
+    ckpt = os.path.abspath(out).rstrip("/") + ".ckpt"
+    history: list[tuple] = []
+    tokens, start, resumed_from, elapsed = 0, 0, None, 0.0
+    state = _load_checkpoint(ckpt, recipe, log)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        rng.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history, tokens, start, elapsed = state["history"], state["tokens"], state["step"], state["seconds"]
+        resumed_from = start
+        print(f"resuming training from {ckpt} at step {start}/{recipe.steps}", file=log)
+    t0 = time.perf_counter() - elapsed
+    end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
+    bar = tqdm(range(start, end), desc=f"train {name}", file=log, mininterval=10, initial=start,
+               total=recipe.steps)
     for step in bar:
         length = rng.choice(recipe.lengths)
         n = max(1, recipe.tokens_per_step // length)
@@ -152,15 +194,25 @@ def train(name: str, out: str, seed: int = 0, steps: int | None = None, log=None
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens += ids.numel()
-        history.append((step, length, float(outx.loss), lr_at(step, recipe), time.perf_counter() - t0))
-        bar.set_postfix(loss=f"{float(outx.loss):.3f}", refresh=False)
+        history.append((step, length, outx.loss.item(), lr_at(step, recipe), time.perf_counter() - t0))
+        bar.set_postfix(loss=f"{outx.loss.item():.3f}", refresh=False)
+        done = step + 1
+        if done < recipe.steps and (done % checkpoint_every == 0 or done == end):
+            _save_checkpoint(ckpt, {
+                "recipe": asdict(recipe), "step": done, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                "history": history, "tokens": tokens, "seconds": time.perf_counter() - t0,
+            })
+    bar.close()
+    if end < recipe.steps:
+        return {"builtin": name, "complete": False, "step": end, "steps": recipe.steps, "checkpoint": ckpt}
     wall = time.perf_counter() - t0
     model.eval()
     info = {
-        "builtin": name, "recipe": asdict(recipe), "train_seconds": round(wall, 1), "train_tokens": tokens,
-        "tokens_per_second": round(tokens / wall, 1), "final_loss": history[-1][2],
+        "builtin": name, "complete": True, "recipe": asdict(recipe), "train_seconds": round(wall, 1),
+        "train_tokens": tokens, "tokens_per_second": round(tokens / wall, 1), "final_loss": history[-1][2],
         "n_parameters": sum(p.numel() for p in model.parameters()),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "resumed_from_step": resumed_from,
     }
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -171,4 +223,6 @@ def train(name: str, out: str, seed: int = 0, steps: int | None = None, log=None
             w.writerows(history)
         with open(os.path.join(tmp, "build_info.json"), "w") as f:
             json.dump(info, f, indent=2)
+    if os.path.exists(ckpt):
+        os.remove(ckpt)
     return info

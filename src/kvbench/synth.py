@@ -3,11 +3,12 @@
 Two made-up languages of consonant-vowel pseudo-words with a word-level dictionary, one reordering
 rule (adjective-noun swap) and a long-range dependency: binding sentences early in a document
 ("the ROLE is called FIRST LAST .") and later references ("the ROLE ...") whose translation is the
-bound name. Names come from role-specific pools of 4 first + 4 last names, so a model without the
-binding in its cache guesses each name with probability 1/4; that is what separates KV policies.
+bound name (in its target form: names are transliterated with the target marker "x"). Names come
+from role-specific pools of 4 first + 4 last names, so a model without the binding in its cache
+guesses each name with probability 1/4; that is what separates KV policies.
 
 Every target sentence has exactly as many words as its source sentence (the reference translation
-of "the ROLE" is "FIRST LAST"), so word alignment is monotone up to the local adjective swap and
+of "the ROLE" is "FIRSTx LASTx"), so word alignment is monotone up to the local adjective swap and
 wait-k latency is meaningful. One word = one token with the builtin tokenizer.
 
 The language itself is fixed (LANGUAGE_SEED); documents are drawn from a caller's seed.
@@ -30,15 +31,17 @@ N_NOUN, N_ADJ, N_VERB, N_PREP, N_ROLE, N_FIRST, N_LAST = 60, 30, 30, 8, 16, 4, 4
 class Lexicon:
     src: dict[str, list[str]] = field(default_factory=dict)  # class -> words
     tgt: dict[str, list[str]] = field(default_factory=dict)
-    first: list[list[str]] = field(default_factory=list)  # per role: first-name pool
+    first: list[list[str]] = field(default_factory=list)  # per role: first-name pool (source forms)
     last: list[list[str]] = field(default_factory=list)
+    tfirst: list[list[str]] = field(default_factory=list)  # the same names' target-language forms
+    tlast: list[list[str]] = field(default_factory=list)
 
     def vocabulary(self) -> list[str]:
         words = SPECIALS + INSTRUCTION + ["."]
         for lang in (self.src, self.tgt):
             for cls in sorted(lang):
                 words += lang[cls]
-        for pool in self.first + self.last:
+        for pool in self.first + self.last + self.tfirst + self.tlast:
             words += pool
         seen: set[str] = set()
         return [w for w in words if not (w in seen or seen.add(w))]
@@ -75,6 +78,11 @@ def lexicon() -> Lexicon:
     for _ in range(N_ROLE):
         lex.first.append(_make_words(rng, N_FIRST, "BDGKLMNPRST".lower(), "aeiou", (2, 2), taken, capital=True))
         lex.last.append(_make_words(rng, N_LAST, "BDGKLMNPRST".lower(), "aeiou", (3, 3), taken, capital=True))
+    # Target-language forms carry the target marker "x" (source names never contain an x). Without
+    # them a name token is the only word shared by both sides, so under GPE (both sides share
+    # positions) a model cannot tell from the token whether a name is being read or written.
+    lex.tfirst = [[w + "x" for w in pool] for pool in lex.first]
+    lex.tlast = [[w + "x" for w in pool] for pool in lex.last]
     return lex
 
 
@@ -99,22 +107,25 @@ def _noun_phrase(rng: random.Random, lex: Lexicon) -> tuple[list[str], list[str]
     return s + [lex.src["noun"][n]], t + [lex.tgt["noun"][n]]
 
 
-def _sentence(rng: random.Random, lex: Lexicon, bound: dict[int, tuple[str, str]], free: list[int]):
+def _sentence(rng: random.Random, lex: Lexicon, bound: dict[int, tuple[int, int]], free: list[int]):
     """One sentence pair. Returns (src, tgt, newly bound role or None)."""
     r = rng.random()
     if free and (not bound or r < 0.25):
         role = free[rng.randrange(len(free))]
-        name = (rng.choice(lex.first[role]), rng.choice(lex.last[role]))
-        s = [lex.src["det"][0], lex.src["role"][role], lex.src["cop"][0], lex.src["called"][0], *name, "."]
-        t = [lex.tgt["det"][0], lex.tgt["role"][role], lex.tgt["cop"][0], lex.tgt["called"][0], *name, "."]
-        return s, t, (role, name)
+        f, l = rng.randrange(N_FIRST), rng.randrange(N_LAST)
+        s = [lex.src["det"][0], lex.src["role"][role], lex.src["cop"][0], lex.src["called"][0],
+             lex.first[role][f], lex.last[role][l], "."]
+        t = [lex.tgt["det"][0], lex.tgt["role"][role], lex.tgt["cop"][0], lex.tgt["called"][0],
+             lex.tfirst[role][f], lex.tlast[role][l], "."]
+        return s, t, (role, (f, l))
     v, p = rng.randrange(N_VERB), rng.randrange(N_PREP)
     subj = _noun_phrase(rng, lex)
     obj = _noun_phrase(rng, lex)
     roles = list(bound)
     if roles and r < 0.8:  # reference: "the ROLE" -> "FIRST LAST", as subject or object
         role = roles[rng.randrange(len(roles))]
-        ref = ([lex.src["det"][0], lex.src["role"][role]], list(bound[role]))
+        f, l = bound[role]
+        ref = ([lex.src["det"][0], lex.src["role"][role]], [lex.tfirst[role][f], lex.tlast[role][l]])
         if rng.random() < 0.5:
             subj = ref
         else:
@@ -130,7 +141,7 @@ def make_document(doc_id: int, length: int, seed: int, lex: Lexicon | None = Non
     lex = lex or lexicon()
     rng = random.Random(f"{seed}:{doc_id}:{length}")
     roles = rng.sample(range(N_ROLE), rng.randint(*n_roles))
-    bound: dict[int, tuple[str, str]] = {}
+    bound: dict[int, tuple[int, int]] = {}  # role -> (first, last) index in its pools
     doc = Document(doc_id, [], [], [])
     overhead = Document(0, [], [], []).n_tokens()
     while True:
@@ -149,5 +160,6 @@ def make_document(doc_id: int, length: int, seed: int, lex: Lexicon | None = Non
 
 
 def name_tokens(lex: Lexicon | None = None) -> set[str]:
+    """Every name token, source and target forms."""
     lex = lex or lexicon()
-    return {w for pool in lex.first + lex.last for w in pool}
+    return {w for pool in lex.first + lex.last + lex.tfirst + lex.tlast for w in pool}
