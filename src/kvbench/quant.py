@@ -80,6 +80,12 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if packed.shape[-1] != packed_len(n, bits):
         raise ValueError(f"packed last dim {packed.shape[-1]} != {packed_len(n, bits)} "
                          f"expected for n={n}, bits={bits}")
+    if bpc == 1:  # 2, 4, 8 bits: whole codes per byte, unpacked in uint8 (same codes, fewer ops)
+        if bits == 8:
+            return packed[..., :n].clone()
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)  # (..., bytes, cpc)
+        return codes.reshape(*packed.shape[:-1], -1)[..., :n]
     b = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, bpc)  # (..., chunks, bpc)
     byte_shifts = torch.arange(bpc, device=b.device, dtype=torch.int64) * 8
     word = (b << byte_shifts).sum(-1, keepdim=True)                  # (..., chunks, 1)

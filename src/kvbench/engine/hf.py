@@ -89,10 +89,12 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     mask = store.mask(seq, role == ROLE_TARGET, ROLE_TARGET)  # (Hkv, n, C)
     scaling = module.scaling if scaling is None else scaling
     if store.score is None and store.recorded is None:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1),
-            attn_mask=mask.repeat_interleave(g, dim=0)[None], scale=scaling,
-        )
+        # query heads grouped by KV head, (1, Hkv, g * n, D): K/V are read once, never repeated
+        n, d, c = query.shape[2], query.shape[3], key.shape[2]
+        q = query.reshape(1, hkv, g * n, d)
+        m = mask if n == 1 else mask[:, None].expand(hkv, g, n, c).reshape(hkv, g * n, c)
+        out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=m[None], scale=scaling)
+        out = out.reshape(1, hq, n, d)
     else:
         n, d = query.shape[2], query.shape[3]
         q = query[0].reshape(hkv, g, n, d)  # (Hkv, g, n, D): query heads grouped by KV head
@@ -124,16 +126,24 @@ def model_geometry(model) -> dict:
     )
 
 
-def rope_rotate(model, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Re-rotate RoPE keys (H, C, D) by `delta` positions (H, C): R(p + d) = R(d) R(p)."""
-    inv_freq = model.model.rotary_emb.inv_freq.to(keys.device, torch.float32)  # (D/2,)
+def rope_tables(model, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (H, C, D/2), float32, of a re-rotation by `delta` positions (H, C)."""
+    inv_freq = model.model.rotary_emb.inv_freq.to(delta.device, torch.float32)  # (D/2,)
     ang = delta[..., None].float() * inv_freq  # (H, C, D/2)
-    cos = torch.cat([ang.cos(), ang.cos()], dim=-1)
-    sin = torch.cat([ang.sin(), ang.sin()], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def rope_apply(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate RoPE keys (H, C, D) (rotate_half convention) by the angles of `rope_tables`."""
     k = keys.float()
     half = k.shape[-1] // 2
-    rot = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
-    return (k * cos + rot * sin).to(keys.dtype)
+    k1, k2 = k[..., :half], k[..., half:]
+    return torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1).to(keys.dtype)
+
+
+def rope_rotate(model, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Re-rotate RoPE keys (H, C, D) by `delta` positions (H, C): R(p + d) = R(d) R(p)."""
+    return rope_apply(keys, *rope_tables(model, delta))
 
 
 def forward(model, ids: torch.Tensor, pos: torch.Tensor, cache: StoreCache, logits: str = "last"):

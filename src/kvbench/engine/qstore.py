@@ -111,11 +111,13 @@ class ChannelKeys:
     def deq(self, dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
         if not self.q.shape[0]:
             return torch.empty(0, self.d, dtype=dtype, device=self.q.device)
-        gid = torch.repeat_interleave(torch.arange(len(self.size), device=self.q.device), self.size)
-        q = self.q if rows is None else self.q[rows]
-        gid = gid if rows is None else gid[rows]
+        if rows is None:  # every row: scales expanded group by group, no index tensor
+            q, s, z = self.q, self.s.repeat_interleave(self.size, dim=0), self.z.repeat_interleave(self.size, dim=0)
+        else:
+            gid = torch.repeat_interleave(torch.arange(len(self.size), device=self.q.device), self.size)[rows]
+            q, s, z = self.q[rows], self.s[gid], self.z[gid]
         c = unpack_codes(q, self.bits, self.d).float()  # same arithmetic as QTensor.dequantize
-        return (c * self.s[gid].float() + self.z[gid].float()).to(dtype)
+        return (c * s.float() + z.float()).to(dtype)
 
     def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         """Drop rows where keep (n,) is False; returns the surviving rows' old indices in new order."""
@@ -162,6 +164,7 @@ class QuantKVStore(KVStore):
 
     layout = "packed_quant"
     compute = "dequantized"
+    ordered = False  # hi tier (sinks, outliers) first, merged key groups re-packed: not stream order
 
     def __init__(self, n_heads: int, head_dim: int, dtype, device, key_bits, value_bits, group_size: int,
                  residual: int, track_scores: bool = False, hi_bits=(16, 16), max_hi: int = 0,
@@ -178,19 +181,26 @@ class QuantKVStore(KVStore):
     # ---- growth and attention inputs -------------------------------------------------------
     def append(self, k, v, seq, pos, role) -> None:
         """k, v: (H, n, D); seq, pos, role: (n,) shared by all heads."""
-        n, c, lens = k.shape[1], self.seq.shape[1], self.live().tolist()
+        n, c, lens = k.shape[1], self.seq.shape[1], list(self.n_live)
         flag = self.flagger(k, seq) if self.flagger else torch.zeros(self.h, n, dtype=torch.bool, device=k.device)
         new = dict(seq=seq.expand(self.h, n), pos=pos.expand(self.h, n), role=role.to(torch.int8).expand(self.h, n),
                    valid=flag.new_ones(self.h, n), flag=flag, score=torch.zeros(self.h, n, device=k.device))
         for name in META:
             if getattr(self, name) is not None:
                 setattr(self, name, torch.cat([getattr(self, name), new[name].to(getattr(self, name).dtype)], 1))
-        idxs = []
+        idxs, moved = [], False
         for h, hd in enumerate(self.heads):
             hd.rk, hd.rv = torch.cat([hd.rk, k[h].to(self.dtype)]), torch.cat([hd.rv, v[h].to(self.dtype)])
+            if lens[h] == c and lens[h] + n - hd.n_hi - hd.n_body <= self.residual:
+                idxs.append(None)  # no padding and nothing leaves the residual window: slots unchanged
+                continue
             slots = torch.cat([torch.arange(lens[h], device=k.device), c + torch.arange(n, device=k.device)])
             idxs.append(slots[self._flush(hd, self.flag[h, slots])])
-        self._regather(idxs)
+            moved = True
+        if not moved:
+            self.n_live = [x + n for x in lens]
+            return
+        self._regather([torch.arange(c + n, device=k.device) if i is None else i for i in idxs])
 
     def _flush(self, hd: _Head, flag: torch.Tensor) -> torch.Tensor:
         """Move residual tokens older than the window out: flagged ones to `hi` (while it has room),
@@ -218,27 +228,42 @@ class QuantKVStore(KVStore):
 
     def _regather(self, idxs: list[torch.Tensor]) -> None:
         """Rebuild the padded (H, C) metadata: head h's slots become old slots idxs[h], in order."""
-        lens = torch.tensor([i.shape[0] for i in idxs], device=self.seq.device)
-        c = int(lens.max()) if lens.numel() else 0
+        self.n_live = [i.shape[0] for i in idxs]
+        c = max(self.n_live, default=0)
+        ragged = min(self.n_live, default=0) != c
+        dev = self.seq.device
+        if ragged:
+            idx = torch.nn.utils.rnn.pad_sequence(idxs, batch_first=True)  # (H, c), padded with slot 0
+            self.valid = torch.arange(c, device=dev)[None, :] < torch.tensor(self.n_live, device=dev)[:, None]
+        else:
+            idx = torch.stack(idxs) if idxs else torch.empty(0, 0, dtype=torch.long, device=dev)
+            self.valid = torch.ones(self.h, c, dtype=torch.bool, device=dev)
         for name in META:
             t = getattr(self, name)
             if t is None or name == "valid":
                 continue
-            out = t.new_zeros(self.h, c)
-            for h, i in enumerate(idxs):
-                out[h, : i.shape[0]] = t[h, i]
+            out = t.gather(1, idx)
+            if ragged:
+                out.masked_fill_(~self.valid, 0)
             setattr(self, name, out)
-        self.valid = torch.arange(c, device=lens.device)[None, :] < lens[:, None]
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(H, C, D) dequantized keys and values in the cache dtype, zeros in padding slots."""
+        """(H, C, D) dequantized keys and values in the cache dtype, zeros in padding slots. A
+        transient of the forward pass (not kept: the store holds only codes and the residual)."""
         c = self.seq.shape[1]
-        ks = torch.zeros(self.h, c, self.d, dtype=self.dtype, device=self.device)
-        vs = torch.zeros_like(ks)
+        ks = torch.empty(self.h, c, self.d, dtype=self.dtype, device=self.device)
+        vs = torch.empty_like(ks)
         for h, hd in enumerate(self.heads):
-            kh = torch.cat([hd.hk.deq(self.dtype), hd.bk.deq(self.dtype), hd.rk])
-            ks[h, : kh.shape[0]] = kh
-            vs[h, : kh.shape[0]] = torch.cat([hd.hv.deq(self.dtype), hd.bv.deq(self.dtype), hd.rv])
+            a, b = hd.n_hi, hd.n_hi + hd.n_body
+            n = b + hd.rk.shape[0]
+            if a:
+                ks[h, :a], vs[h, :a] = hd.hk.deq(self.dtype), hd.hv.deq(self.dtype)
+            if b > a:
+                ks[h, a:b], vs[h, a:b] = hd.bk.deq(self.dtype), hd.bv.deq(self.dtype)
+            if n > b:
+                ks[h, b:n], vs[h, b:n] = hd.rk, hd.rv
+            if n < c:
+                ks[h, n:], vs[h, n:] = 0, 0
         return ks, vs
 
     # dequantized (H, C, D) views for code written against KVStore (hf.get_mask_sizes reads k.shape)
@@ -253,10 +278,11 @@ class QuantKVStore(KVStore):
             return
         idxs = []
         for h, hd in enumerate(self.heads):
-            n = int(self.valid[h].sum())
+            n = self.n_live[h]  # live slots are a prefix of each head's row
             a, b, kh = hd.n_hi, hd.n_hi + hd.n_body, keep[h, :n]
             hi = kh[:a].nonzero().squeeze(1)
-            hd.hk.take(hi), hd.hv.take(hi)
+            if a:
+                hd.hk.take(hi), hd.hv.take(hi)
             body = hd.bk.keep(kh[a:b], self.seq[h, a:b])
             hd.bv.take(body)
             res = kh[b:].nonzero().squeeze(1)

@@ -31,11 +31,12 @@ class MemoryStats:
     after_step_bytes: list[int] = field(default_factory=list)
 
     def observe(self, stores, after_step: bool) -> None:
+        """Bytes from the stores' allocations and host-side live counts: no device work."""
         b = sum(s.nbytes() for s in stores)
         self.bytes_peak = max(self.bytes_peak, b)
         self.live_bytes_peak = max(self.live_bytes_peak, sum(s.live_bytes() for s in stores))
         self.meta_bytes_peak = max(self.meta_bytes_peak, sum(s.meta_bytes() for s in stores))
-        retained = float(torch.stack([s.live().float().mean() for s in stores]).mean())
+        retained = sum(sum(s.n_live) / len(s.n_live) for s in stores) / len(stores)
         self.retained_peak = max(self.retained_peak, retained)
         if after_step:
             self.steps += 1
@@ -52,9 +53,11 @@ class MemoryStats:
         )
 
 
-def make_store(method: Method, geom: dict, dtype, device, layer: int, profile=None):
+def make_store(method: Method, geom: dict, dtype, device, layer: int, profile=None, bounded: bool = False):
+    """bounded: a budget applies (dense buffers then grow exactly, never with slack)."""
     if method.storage == "dense":
-        store = KVStore(geom["n_kv_heads"], geom["head_dim"], dtype, device, track_scores=method.needs_scores)
+        store = KVStore(geom["n_kv_heads"], geom["head_dim"], dtype, device, track_scores=method.needs_scores,
+                        slack=not bounded)
         store.layout = method.layout
         return store
     return method.make_store(geom, dtype, device, layer, profile)
@@ -72,7 +75,9 @@ class Session:
         if method.evicts and budget is not None:
             self.budgets = method.head_budgets(budget, self.geom["n_layers"], self.geom["n_kv_heads"], profile)
             self.budgets = self.budgets.to(self.device)
-        self.stores = [make_store(method, self.geom, self.dtype, self.device, i, profile)
+            self._budgets_host = self.budgets.tolist()
+        self._rot = None  # (delta, cos, sin) of the last re-rotation, shared by layers within a step
+        self.stores = [make_store(method, self.geom, self.dtype, self.device, i, profile, self.budgets is not None)
                        for i in range(self.geom["n_layers"])]
         self.cache = hf.StoreCache(self.stores)
         self.seq = 0
@@ -96,18 +101,25 @@ class Session:
         return out
 
     def _reindex_positions(self, store) -> None:
-        new = store.pos.clone()
+        """Re-rotate the keys whose rank within their group changed (slots are in stream order).
+        The cos/sin of the shift are reused across layers while the shift is the same (with a
+        layer-independent rule every layer evicts the same slots)."""
+        new = store.pos
         is_tgt = store.role == ROLE_TARGET
         for g in (False, True):
             if g not in self.group_base:
                 continue
             m = store.valid & (is_tgt == g)
-            rank = torch.cumsum(m.long(), dim=1) - 1  # slots are kept in stream order
+            rank = torch.cumsum(m, dim=1) - 1
             new = torch.where(m, self.group_base[g] + rank, new)
-        delta = torch.where(store.valid, new - store.pos, torch.zeros_like(new))
-        if bool((delta != 0).any()):
-            store.k = hf.rope_rotate(self.model, store.k, delta)
-            store.pos = new
+        delta = torch.where(store.valid, new - store.pos, 0)
+        if not bool(delta.any()):
+            return
+        cached = self._rot
+        if cached is None or cached[0].shape != delta.shape or not torch.equal(cached[0], delta):
+            cached = self._rot = (delta, *hf.rope_tables(self.model, delta))
+        store.set_keys(hf.rope_apply(store.k, cached[1], cached[2]))
+        store.set_pos(new)
 
     # ---- feeding -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -136,12 +148,14 @@ class Session:
     def _evict(self) -> None:
         if self.budgets is None:
             return
+        self._rot = None
         for i, s in enumerate(self.stores):
-            if bool((s.live() > self.budgets[i]).any()):
-                view = LayerView(s.seq, s.pos, s.role, s.valid, s.score, layer=i)
+            if any(n > b for n, b in zip(s.n_live, self._budgets_host[i])):  # host counts: no sync
+                view = LayerView(s.seq, s.pos, s.role, s.valid, s.score, layer=i, ordered=s.ordered)
                 s.compact(self.method.select(view, self.budgets[i]))
                 if self.method.cache_positions:
                     self._reindex_positions(s)
+        self._rot = None
 
     def budget_bytes(self, budget: int | None) -> int | None:
         if budget is None:

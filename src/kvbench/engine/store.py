@@ -1,11 +1,21 @@
 """Per-layer KV storage with real eviction and per-head ragged lengths (no transformers import).
 
-Layout: one padded buffer per layer, (H, C, D) for keys and values, H = KV heads, C = slots. Each
+Layout: one buffer per layer, (H, cap, D) for keys and values, H = KV heads, cap = allocated
+slots, of which the first C are in use (`k`, `v`, and the metadata are views of that prefix). Each
 slot carries metadata beside the tensors: `seq` (stream order, drives causality), `pos` (the RoPE
 position the key was rotated with), `role` (instruction / source / target), `valid`, and optionally
-`score` (accumulated attention, for H2O-like rules). Heads may hold different numbers of live
-entries (head-aware budgets); compaction reallocates the buffer to the largest head's count, so
-the bytes reported are the bytes really allocated, padding included.
+`score` (accumulated attention, for H2O-like rules). Slots of a head are kept in stream order.
+Heads may hold different numbers of live entries (head-aware budgets): C is the largest head's
+count, the others are padded.
+
+Capacity (what `nbytes()` reports: the bytes allocated, spare slots and padding included):
+- `append` writes new tokens in place while they fit; otherwise it reallocates to the tokens needed
+  plus `grow_slack(n)` spare slots when the store is unbounded (no budget: the full cache; 3% of n,
+  so decoding copies the cache once every ~n/32 steps, not at every step), none under a budget.
+- `compact` (eviction) gathers the survivors into a fresh buffer with `reserve` spare slots
+  (default 1: the next decode token), so an evicting cache at budget B holds B + 1 slots between
+  decode steps and B + chunk only during a prefill chunk. Evicted slots are freed: the old buffer
+  is dropped.
 """
 
 from __future__ import annotations
@@ -13,36 +23,73 @@ from __future__ import annotations
 import torch
 
 
+def grow_slack(n: int) -> int:
+    """Spare slots added when a growing (never evicted) cache must reallocate to n slots."""
+    return -(-n // 32)
+
+
 class KVStore:
     layout = "dense"
     compute = "exact"
+    ordered = True  # slots of each head are in stream order (LayerView.age_rank may use cumsum)
 
     def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 track_scores: bool = False):
-        self.h, self.d = n_heads, head_dim
-        e = dict(device=device)
-        self.k = torch.empty(n_heads, 0, head_dim, dtype=dtype, **e)  # (H, C, D)
-        self.v = torch.empty(n_heads, 0, head_dim, dtype=dtype, **e)
-        self.seq = torch.empty(n_heads, 0, dtype=torch.long, **e)  # (H, C)
-        self.pos = torch.empty(n_heads, 0, dtype=torch.long, **e)
-        self.role = torch.empty(n_heads, 0, dtype=torch.int8, **e)
-        self.valid = torch.empty(n_heads, 0, dtype=torch.bool, **e)
-        self.score = torch.empty(n_heads, 0, dtype=torch.float32, **e) if track_scores else None
+                 track_scores: bool = False, reserve: int = 1, slack: bool = True):
+        self.h, self.d, self.reserve = n_heads, head_dim, reserve
+        self.slack = slack  # growth slack; off under a budget (and after any eviction): exact growth
+        self._alloc(0, dtype, device, track_scores)
+        self.n_live = [0] * n_heads  # host copy of live() (avoids a device sync per check)
         self.recorded: list | None = None  # set to [] to record attention probabilities (profiling)
+
+    def _alloc(self, cap: int, dtype, device, track_scores: bool) -> None:
+        h, e = self.h, dict(device=device)
+        self._k = torch.empty(h, cap, self.d, dtype=dtype, **e)  # (H, cap, D)
+        self._v = torch.empty(h, cap, self.d, dtype=dtype, **e)
+        self._seq = torch.empty(h, cap, dtype=torch.long, **e)  # (H, cap)
+        self._pos = torch.empty(h, cap, dtype=torch.long, **e)
+        self._role = torch.empty(h, cap, dtype=torch.int8, **e)
+        self._valid = torch.zeros(h, cap, dtype=torch.bool, **e)
+        self._score = torch.zeros(h, cap, dtype=torch.float32, **e) if track_scores else None
+        self._views(0)
+
+    def _buffers(self) -> list[str]:
+        return ["_k", "_v", "_seq", "_pos", "_role", "_valid"] + (["_score"] if self._score is not None else [])
+
+    def _views(self, c: int) -> None:
+        """Point the public (H, C, ...) names at the first c slots of the buffers."""
+        self.c = c
+        self.k, self.v = self._k[:, :c], self._v[:, :c]
+        self.seq, self.pos, self.role, self.valid = self._seq[:, :c], self._pos[:, :c], self._role[:, :c], self._valid[:, :c]
+        self.score = self._score[:, :c] if self._score is not None else None
+
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[1]
 
     # ---- growth and attention inputs -------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor,
                role: torch.Tensor) -> None:
         """k, v: (H, n, D); seq, pos, role: (n,) shared by all heads."""
-        n = k.shape[1]
-        self.k = torch.cat([self.k, k.to(self.k.dtype)], dim=1)
-        self.v = torch.cat([self.v, v.to(self.v.dtype)], dim=1)
-        self.seq = torch.cat([self.seq, seq.expand(self.h, n)], dim=1)
-        self.pos = torch.cat([self.pos, pos.expand(self.h, n)], dim=1)
-        self.role = torch.cat([self.role, role.to(torch.int8).expand(self.h, n)], dim=1)
-        self.valid = torch.cat([self.valid, self.valid.new_ones(self.h, n)], dim=1)
-        if self.score is not None:
-            self.score = torch.cat([self.score, self.score.new_zeros(self.h, n)], dim=1)
+        n, c = k.shape[1], self.c
+        if c + n > self.capacity:
+            cap = c + n + (grow_slack(c + n) if self.slack else 0)
+            for name in self._buffers():
+                old = getattr(self, name)
+                new = old.new_zeros((self.h, cap) + old.shape[2:]) if name in ("_valid", "_score") \
+                    else old.new_empty((self.h, cap) + old.shape[2:])
+                new[:, :c] = old[:, :c]
+                setattr(self, name, new)
+        s = slice(c, c + n)
+        self._k[:, s] = k
+        self._v[:, s] = v
+        self._seq[:, s] = seq
+        self._pos[:, s] = pos
+        self._role[:, s] = role
+        self._valid[:, s] = True
+        if self._score is not None:
+            self._score[:, s] = 0.0
+        self.n_live = [x + n for x in self.n_live]
+        self._views(c + n)
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, C, D) keys and values as attention consumes them."""
@@ -65,29 +112,46 @@ class KVStore:
         return self.valid.sum(dim=1)  # (H,)
 
     def compact(self, keep: torch.Tensor) -> None:
-        """Keep the slots where keep (H, C) is True, in their current order; reallocate."""
+        """Keep the slots where keep (H, C) is True, in their current order, in a new buffer of
+        (largest head's count + reserve) slots; the old buffer (and the evicted slots) is freed."""
         keep = keep & self.valid
         counts = keep.sum(dim=1)
-        c = int(counts.max()) if counts.numel() else 0
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :c]  # (H, c)
-        idx = order[..., None].expand(-1, -1, self.d)
-        self.k = torch.gather(self.k, 1, idx)
-        self.v = torch.gather(self.v, 1, idx)
-        self.seq = torch.gather(self.seq, 1, order)
-        self.pos = torch.gather(self.pos, 1, order)
-        self.role = torch.gather(self.role, 1, order)
-        self.valid = torch.arange(c, device=keep.device)[None, :] < counts[:, None]
-        if self.score is not None:
-            self.score = torch.gather(self.score, 1, order)
+        self.n_live = counts.tolist()
+        c = max(self.n_live) if self.n_live else 0
+        if min(self.n_live, default=0) == c:  # every head keeps c: stream order is nonzero's order
+            order = keep.nonzero()[:, 1].view(self.h, c)
+        else:
+            order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :c]  # (H, c)
+        cap = c + self.reserve
+        for name in self._buffers():
+            old = getattr(self, name)[:, : self.c]
+            new = old.new_empty((self.h, cap) + old.shape[2:])
+            if name == "_valid":
+                new.zero_()
+                new[:, :c] = torch.arange(c, device=keep.device)[None, :] < counts[:, None]
+            else:
+                idx = order if old.dim() == 2 else order[..., None].expand(-1, -1, self.d)
+                torch.gather(old, 1, idx, out=new[:, :c])
+                if name == "_score":
+                    new[:, c:] = 0.0
+            setattr(self, name, new)
+        self.slack = False
+        self._views(c)
+
+    def set_keys(self, k: torch.Tensor) -> None:
+        """Replace the keys of the C slots in use (RoPE re-rotation), in place."""
+        self._k[:, : self.c] = k
+
+    def set_pos(self, pos: torch.Tensor) -> None:
+        self._pos[:, : self.c] = pos
 
     # ---- accounting ----------------------------------------------------------------------
     def nbytes(self) -> int:
-        """K/V bytes allocated, padding included."""
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        """K/V bytes allocated: every slot of the buffers, spare slots and padding included."""
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
 
     def live_bytes(self) -> int:
-        return int(self.valid.sum()) * self.d * 2 * self.k.element_size()
+        return sum(self.n_live) * self.d * 2 * self._k.element_size()
 
     def meta_bytes(self) -> int:
-        ts = [self.seq, self.pos, self.role, self.valid] + ([self.score] if self.score is not None else [])
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self._buffers()[2:])

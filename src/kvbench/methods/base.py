@@ -63,7 +63,8 @@ class Method:
 
 @dataclass
 class LayerView:
-    """What a selection rule sees of one layer: (H, C) tensors, live entries where valid."""
+    """What a selection rule sees of one layer: (H, C) tensors, live entries where valid.
+    `ordered`: the store keeps each head's slots in stream order (then ranks are a cumsum)."""
 
     seq: torch.Tensor
     pos: torch.Tensor
@@ -71,21 +72,36 @@ class LayerView:
     valid: torch.Tensor
     score: torch.Tensor | None
     layer: int = -1
+    ordered: bool = False
 
     def age_rank(self) -> torch.Tensor:
         """(H, C): 0 for the oldest live entry of each head, counting up; invalid slots get C."""
-        big = torch.iinfo(torch.long).max
-        key = torch.where(self.valid, self.seq, torch.full_like(self.seq, big))
-        order = torch.argsort(key, dim=1)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(key.shape[1], device=key.device).expand_as(order))
-        return torch.where(self.valid, rank, torch.full_like(rank, key.shape[1]))
+        rank = self.__dict__.get("_rank")  # computed once per view: rules composed on it share it
+        if rank is None:
+            c = self.seq.shape[1]
+            if self.ordered:
+                rank = torch.where(self.valid, torch.cumsum(self.valid, dim=1) - 1, c)
+            else:
+                big = torch.iinfo(torch.long).max
+                key = torch.where(self.valid, self.seq, torch.full_like(self.seq, big))
+                order = torch.argsort(key, dim=1)
+                rank = torch.empty_like(order)
+                rank.scatter_(1, order, torch.arange(c, device=key.device).expand_as(order))
+                rank = torch.where(self.valid, rank, torch.full_like(rank, c))
+            self.__dict__["_rank"] = rank
+        return rank
+
+    def n_live(self) -> torch.Tensor:
+        """(H, 1) live entries per head."""
+        live = self.__dict__.get("_live")
+        if live is None:
+            live = self.__dict__["_live"] = self.valid.sum(dim=1, keepdim=True)
+        return live
 
     def recent(self, n: torch.Tensor | int) -> torch.Tensor:
         """(H, C) bool: the n most recent live entries of each head (n scalar or (H,))."""
-        live = self.valid.sum(dim=1, keepdim=True)
         n = torch.as_tensor(n, device=self.seq.device).reshape(-1, 1)
-        return self.valid & (self.age_rank() >= live - n)
+        return self.valid & (self.age_rank() >= self.n_live() - n)
 
     def oldest(self, n: torch.Tensor | int) -> torch.Tensor:
         n = torch.as_tensor(n, device=self.seq.device).reshape(-1, 1)
