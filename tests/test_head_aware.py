@@ -98,3 +98,27 @@ def test_head_aware_budget_above_length_is_full(tiny, docs):
     a = run(tiny, docs[96][0], "head_aware", {}, 4096)[1]
     b = run(tiny, docs[96][0], "full", {}, None)[1]
     assert a["hypothesis"] == b["hypothesis"]
+
+
+def kept(sess):
+    """Per layer, per KV head: the stream indices the cache holds."""
+    return [[sorted(s.seq[h][s.valid[h]].tolist()) for h in range(s.seq.shape[0])] for s in sess.stores]
+
+
+def test_local_rule_h2o_with_equal_shares_is_h2o(tiny, docs):
+    """local_rule: h2o makes every head run H2O inside its budget; with equal shares every head has the
+    uniform budget, so each head keeps exactly H2O's tokens. With the default window rule the local
+    heads keep sinks + the most recent tokens instead."""
+    eq = {"share_retrieval": 1.0, "share_induction": 1.0, "share_local": 1.0, "local_rule": "h2o"}
+    a = run(tiny, docs[96][1], "head_aware", eq, 16)
+    b = run(tiny, docs[96][1], "h2o", {}, 16)
+    assert a[1]["hypothesis"] == b[1]["hypothesis"] and kept(a[0]) == kept(b[0])
+    w = run(tiny, docs[96][1], "head_aware", {**eq, "local_rule": "window"}, 16)
+    n = int(w[0].stores[0].seq.max()) + 1  # stream length fed
+    for li, layer in enumerate(FakeProfile.types):
+        for h, typ in enumerate(layer):
+            got = kept(w[0])[li][h]
+            if typ == "local":
+                assert got == list(range(4)) + list(range(n - 12, n))
+            else:
+                assert got == kept(b[0])[li][h]

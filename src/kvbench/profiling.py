@@ -9,8 +9,10 @@ Probes (all through the engine's own attention function, full cache, explicit pr
   Factuality"): fraction of copy steps where the head's argmax attention lands on the earlier
   occurrence of the token being produced and the model produces it.
 - for the builtin model, retrieval is scored where it matters: at the name steps of synthetic
-  documents (a reference translated as a name bound far back), argmax on an earlier occurrence of
-  the name being produced.
+  documents (a reference translated as a name bound far back): argmax on an earlier occurrence of
+  the name being produced (its target form, or its source form) or on the words binding it there
+  ("ROLE is called"). The model may read the name itself or the binding its earlier layers wrote
+  the name into; either way the head needs those far-back keys, which is what a KV policy must know.
 - local / sink mass: attention within the last `local_window` keys / on the first 4 tokens.
 Types: retrieval if retrieval >= thr_retrieval, else induction if induction >= thr_induction, else
 local. A KV head takes the strongest type among its query heads (GQA: its cache serves them all).
@@ -33,6 +35,7 @@ from .io import atomic_path
 
 TYPES = ("retrieval", "induction", "local")  # priority order
 COLUMNS = ("layer", "q_head", "kv_head", "retrieval", "induction", "local", "sink", "type", "kv_type")
+BINDING_SPAN = 4  # "ROLE is called FIRST LAST": the last name is 4 words after the role
 DEFAULTS = dict(thr_retrieval=0.3, thr_induction=0.3, local_window=8, copy_len=48, doc_length=768)
 
 
@@ -94,18 +97,35 @@ def name_probe(model, tok, model_dir, rng: random.Random, length: int):
     p = Prompter(tok, model_dir, synth.SRC_LANG, synth.TGT_LANG)
     d = dict(id=0, source=" ".join(doc.source), target=" ".join(doc.target))
     s, labels = document_stream(p, d, k=5)
-    names = {tok.convert_tokens_to_ids(w) for w in synth.name_tokens()}
+    # a name is written in its target form; the same name read earlier in the source (its source
+    # form, the target form without the marker "x") is an equally valid place to retrieve it from
+    lex = synth.lexicon()
+    alias = {tok.convert_tokens_to_ids(t): tok.convert_tokens_to_ids(s)
+             for tp, sp in ((lex.tfirst, lex.first), (lex.tlast, lex.last))
+             for tpool, spool in zip(tp, sp) for t, s in zip(tpool, spool)}
     ids = torch.tensor(s.ids)
-    steps = []
+    pos = torch.tensor(s.pos)
+    role = torch.tensor(s.role)
+    steps = []  # (query index, keys that hold the name or bind it)
     for t, lab in enumerate(labels.tolist()):  # a name produced here that already occurred earlier
-        if lab in names and bool((ids[:t] == lab).any()):
-            steps.append((t, lab))
+        if lab not in alias:
+            continue
+        seen = (((ids[:t] == lab) | (ids[:t] == alias[lab]))).nonzero().flatten()
+        if len(seen) == 0:
+            continue
+        # each earlier occurrence with the words before it on its side (ROLE is called FIRST LAST):
+        # a head may read the name itself or the binding that carries it
+        span = torch.zeros(t, dtype=torch.bool)
+        for i in seen.tolist():
+            span |= (role[:t] == role[i]) & (pos[:t] >= pos[i] - BINDING_SPAN) & (pos[:t] <= pos[i])
+        steps.append((t, span))
     probs, _ = _record(model, s.ids, s.pos, s.role)
     if not steps:
         return None
-    q = torch.tensor([t for t, _ in steps])
-    want = torch.tensor([lab for _, lab in steps])
-    return torch.stack([(ids[p[:, q].argmax(-1)] == want).float().mean(-1) for p in probs])
+    hits = []
+    for p in probs:
+        hits.append(torch.stack([span[p[:, t, :t].argmax(-1)] for t, span in steps], -1).float().mean(-1))
+    return torch.stack(hits)
 
 
 @dataclass
@@ -152,6 +172,9 @@ def run_profile(model_dir: str, out: str, seed: int = 0, n_prompts: int = 8, log
         pq.write_table(table, tmp)
     if log:
         print(df.to_string(), file=log)
+        if not (df["type"] == "retrieval").any():
+            print(f"warning: no head reached the retrieval threshold ({o['thr_retrieval']}); head-aware methods "
+                  "will treat every head by its induction/local type", file=log)
     return df
 
 

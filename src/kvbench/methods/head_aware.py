@@ -4,8 +4,8 @@ Heads are profiled as retrieval / induction / local (kvbench.profiling); each KV
 budget proportional to its type's share, with the layer's total equal to the uniform budget x
 heads. Inside each head an existing selection rule runs, chosen by type (composition, not a
 copy): local heads keep sinks + a recent window (StreamingLLM), retrieval and induction heads keep
-heavy hitters + a recent window (H2O), or everything they can (`retrieval_rule: oldest_recent`
-keeps sinks + recent like local heads).
+heavy hitters + a recent window (H2O); `local_rule: h2o` makes local heads use H2O too, so that
+only the budgets differ by head type.
 
 Default shares (retrieval 2 : induction 1 : local 0.5) follow the reasoning of retrieval-head work
 (Wu et al. 2024; Xiao et al. 2024 "DuoAttention"): retrieval heads need distant tokens, local heads
@@ -52,11 +52,16 @@ class HeadAware(Method):
     share_local: float = 0.5
     n_sink: int = 4
     recent_ratio: float = 0.5
+    # how a local head chooses inside its budget: "window" (sinks + recent, as streaming heads in
+    # DuoAttention) or "h2o" (heavy hitters + recent, as retrieval heads; then only budgets differ by type)
+    local_rule: str = "window"
 
     def validate(self, budget):
         for k in ("share_retrieval", "share_induction", "share_local"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"{self.type_name}: {k} must be > 0, got {getattr(self, k)}")
+        if self.local_rule not in ("window", "h2o"):
+            raise ValueError(f"{self.type_name}: local_rule must be 'window' or 'h2o', got {self.local_rule!r}")
         if budget is not None and self.n_sink >= budget:
             raise ValueError(f"{self.type_name}: n_sink ({self.n_sink}) must be smaller than the budget ({budget})")
 
@@ -73,6 +78,8 @@ class HeadAware(Method):
         return torch.tensor(rows, dtype=torch.long)
 
     def select(self, view: LayerView, budgets):
+        if self.local_rule == "h2o":
+            return H2O(recent_ratio=self.recent_ratio).select(view, budgets)
         local = self._local[view.layer].to(budgets.device)[:, None]  # (H, 1)
         window = StreamingLLM(n_sink=self.n_sink).select(view, budgets)
         heavy = H2O(recent_ratio=self.recent_ratio).select(view, budgets)
