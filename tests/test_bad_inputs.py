@@ -1,17 +1,19 @@
 """A catalogue of bad inputs: each must fail at once, name the problem, and leave results untouched.
 
-    nice -n 19 python -m pytest -q -m robustness tests/test_bad_inputs.py
+    nice -n 19 python -m pytest -q tests/test_bad_inputs.py          (part of CI: about 2-4 minutes)
 
-Every test runs a real entry point in a subprocess (`python -m kvbench validate|eval|make-data|
-build-model|profile|aggregate`, and `snakemake -n --configfile BAD` for config errors) inside a
-workspace that already holds finished results (a raw eval Parquet and all.parquet), and checks
-(a) the command fails with a message naming the bad key, file or value, and
-(b) every file under results/ (and resources/ when the test puts one there) is byte-identical
-    afterwards, and nothing new appeared there (a `.partial` folder means work had started).
-Config errors must stop Snakemake while it parses the config, before it plans any job.
-
-Inputs the code does not catch well yet are `xfail(strict=True)` with the reason; the fix for each
-is in the reason or next to the test.
+Every case runs a real entry point (`kvbench validate|eval|make-data|build-model|profile|aggregate`)
+inside a workspace that already holds finished results (a raw eval Parquet, all.parquet, a data
+file and a model folder), and checks
+(a) the command fails with a message naming the bad key, file or value (one line, no traceback), and
+(b) every file under results/ and resources/ is byte-identical afterwards, and nothing new appeared
+    there (a `.partial` folder means work had started).
+To stay CI-sized, the CLI cases share one workspace and run in ONE subprocess (`_DRIVER`): it calls
+`kvbench.cli.main(argv)` for each case exactly as `python -m kvbench` would (the SystemExit message,
+the exit code, a traceback for anything that escapes), with results/ and resources/ hashed before
+and after each case, so every check stays per case. Config errors also go through real
+`snakemake -n --configfile BAD` runs for a representative subset (`SNAKEMAKE_CASES`): they must stop
+Snakemake while it parses the config, before it plans any job.
 """
 
 from __future__ import annotations
@@ -24,24 +26,66 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass, field
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-# Not yet in CI (about 8+ minutes, and xfails awaiting fixes): run with `-m robustness`.
-pytestmark = pytest.mark.robustness
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tests", "data", "tiny.yaml")
-# no network: a test that would download something must fail instead
+# no network: a case that would download something must fail instead
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 RAW_REL = "results/raw/micro/ppl/synth/full/L128_Bfull.parquet"  # the finished job in every workspace
 DATA_REL = "resources/data/micro/synth/L128.jsonl"
+MODEL_REL = "resources/models/micro"
+TOPS = ("results", "resources")
 
 
-# ----------------------------------------------------------------------------- fixtures and helpers
+# ----------------------------------------------------------------------------- snapshots and the driver
+def _snapshot(root: str, tops=TOPS) -> dict[str, str]:
+    out = {}
+    for top in tops:
+        for dirpath, dirs, files in os.walk(os.path.join(root, top)):
+            for n in dirs:
+                out[os.path.relpath(os.path.join(dirpath, n), root)] = "dir"
+            for n in files:
+                p = os.path.join(dirpath, n)
+                with open(p, "rb") as f:
+                    out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+# Runs each case's argv through kvbench.cli.main as `python -m kvbench` would, in one process.
+_DRIVER = textwrap.dedent('''
+    import contextlib, io, json, sys, traceback
+    from kvbench.cli import main
+
+    cases, report = json.load(open(sys.argv[2])), {}
+    for c in cases:
+        os.chdir(c["cwd"])
+        before = _snapshot(c["cwd"], c["tops"])
+        out, err, rc = io.StringIO(), io.StringIO(), 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(c["argv"])
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, int) and e.code is not None:
+                    print(e.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+                rc = 1
+        after = _snapshot(c["cwd"], c["tops"])
+        report[c["id"]] = dict(rc=rc, output=out.getvalue() + err.getvalue(),
+                               changed=sorted(k for k in before if after.get(k) != before[k]),
+                               new=sorted(set(after) - set(before)))
+    json.dump(report, open(sys.argv[3], "w"))
+''')
+
+
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory, tiny_model_dir):
     """One finished eval Parquet (ppl, full cache, 2 samples) and its data file, made once."""
@@ -57,32 +101,19 @@ def finished(tmp_path_factory, tiny_model_dir):
     return {"raw": raw, "data": data}
 
 
-def _snapshot(root: str, tops=("results", "resources")) -> dict[str, str]:
-    out = {}
-    for top in tops:
-        for dirpath, dirs, files in os.walk(os.path.join(root, top)):
-            for n in dirs:
-                out[os.path.relpath(os.path.join(dirpath, n), root)] = "dir"
-            for n in files:
-                p = os.path.join(dirpath, n)
-                with open(p, "rb") as f:
-                    out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
 class Workspace:
-    """A project folder with finished results; runs entry points in it and checks what they leave."""
+    """A project folder with finished results (raw Parquet, all.parquet, data file, model folder)."""
 
     def __init__(self, root, finished, model_dir):
         self.root = str(root)
-        self.model = model_dir
         self.raw = os.path.join(self.root, RAW_REL)
         self.data = os.path.join(self.root, DATA_REL)
         self.all = os.path.join(self.root, "results", "all.parquet")
         for src, dst in ((finished["raw"], self.raw), (finished["raw"], self.all), (finished["data"], self.data)):
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copyfile(src, dst)
-        self.before = _snapshot(self.root)
+        shutil.copytree(model_dir, self.path(MODEL_REL))
+        self.model = MODEL_REL
 
     def path(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -92,65 +123,36 @@ class Workspace:
         os.makedirs(os.path.dirname(p), exist_ok=True)
         with open(p, "wb" if isinstance(content, bytes) else "w") as f:
             f.write(content)
-        return p
+        return rel
 
-    def add_model(self) -> str:
-        """A finished model folder under resources/ (build-model tests must not touch it)."""
-        dst = self.path("resources/models/micro")
-        shutil.copytree(self.model, dst)
-        self.before = _snapshot(self.root)
-        return dst
-
-    def kvbench(self, *args, env=None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "kvbench", *map(str, args)], cwd=self.root,
-                              capture_output=True, text=True, env=env or ENV, timeout=600)
-
-    def popen(self, cmd: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(cmd, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=ENV)
+    def docs(self) -> list[dict]:
+        with open(self.data) as f:
+            return [json.loads(line) for line in f]
 
     def eval(self, *extra, task="ppl", method="full", type_=None, budget="full", data=None, out=None,
-             length=128, model=None):
-        """`kvbench eval` of a good job, with `extra` flags appended (argparse: the last one wins)."""
-        return self.kvbench(
-            "eval", "--model", model or self.model, "--model-name", "micro", "--task", task, "--data",
-            data or self.data, "--dataset", "synth", "--method", method, "--type", type_ or method,
-            "--budget", budget, "--length", length, "--device", "cpu", "--out", out or self.raw, *extra)
-
-    def assert_untouched(self):
-        after = _snapshot(self.root)
-        changed = sorted(k for k in self.before if after.get(k) != self.before[k])
-        new = sorted(set(after) - set(self.before))
-        assert not changed, f"existing results changed or removed: {changed}"
-        assert not new, f"new files under results/ or resources/ (work had started): {new}"
-
-    def fails(self, r: subprocess.CompletedProcess, *needles: str, one_line: bool = False):
-        out = (r.stdout or "") + (r.stderr or "")
-        assert r.returncode != 0, f"exit code 0; output:\n{out[-3000:]}"
-        missing = [n for n in needles if n not in out]
-        assert not missing, f"message does not name {missing}:\n{out[-3000:]}"
-        if one_line:
-            assert "Traceback" not in out, f"a traceback instead of a one-line error:\n{out[-3000:]}"
-        self.assert_untouched()
-        return out
+             length=128, model=None) -> list[str]:
+        """argv of `kvbench eval` of a good job, with `extra` flags appended (argparse: the last one wins)."""
+        return ["eval", "--model", model or self.model, "--model-name", "micro", "--task", task, "--data",
+                data or DATA_REL, "--dataset", "synth", "--method", method, "--type", type_ or method,
+                "--budget", budget, "--length", str(length), "--device", "cpu", "--out", out or RAW_REL,
+                *map(str, extra)]
 
 
-@pytest.fixture
-def ws(tmp_path, finished, tiny_model_dir):
-    return Workspace(tmp_path / "project", finished, tiny_model_dir)
+def _check_failure(output: str, rc: int, needles, one_line: bool) -> None:
+    assert rc != 0, f"exit code 0; output:\n{output[-3000:]}"
+    missing = [n for n in needles if n not in output]
+    assert not missing, f"message does not name {missing}:\n{output[-3000:]}"
+    if one_line:
+        assert "Traceback" not in output, f"a traceback instead of a one-line error:\n{output[-3000:]}"
 
 
-def _docs(ws) -> list[dict]:
-    with open(ws.data) as f:
-        return [json.loads(line) for line in f]
+def _check_untouched(changed, new) -> None:
+    assert not changed, f"existing results changed or removed: {changed}"
+    assert not new, f"new files under results/ or resources/ (work had started): {new}"
 
 
 def _jsonl(docs) -> str:
     return "".join(json.dumps(d) + "\n" for d in docs)
-
-
-def _xfail(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -224,71 +226,52 @@ def _base_text() -> str:
         return f.read().rstrip() + "\n"
 
 
-# (id, config text or bytes (callable), needles both entry points must print, marks)
+# (id, config text or bytes (callable), needles both entry points must print)
 CONFIG_CASES = [
-    ("unknown_method_type", _set("methods/sink4/type", "sreaming_llm"), ("sink4", "sreaming_llm"), ()),
+    ("unknown_method_type", _set("methods/sink4/type", "sreaming_llm"), ("sink4", "sreaming_llm")),
     ("unknown_task_in_study", _set("studies/oracle/tasks", ["translate_batch", "translate_strem"]),
-     ("oracle", "translate_strem"), ()),
-    ("unknown_task_section", _set("tasks/translate_strem", {"wait_k": 3}), ("translate_strem",), ()),
-    ("unknown_model_source_scheme", _set("models/micro/source", "hug:Qwen/Qwen2.5-0.5B@abc"), ("micro", "hug:"), ()),
+     ("oracle", "translate_strem")),
+    ("unknown_task_section", _set("tasks/translate_strem", {"wait_k": 3}), ("translate_strem",)),
+    ("unknown_model_source_scheme", _set("models/micro/source", "hug:Qwen/Qwen2.5-0.5B@abc"), ("micro", "hug:")),
     ("hub_source_without_revision", _set("models/micro/source", "hub:Qwen/Qwen2.5-0.5B-Instruct"),
-     ("micro", "revision"), (_xfail("config validation never calls models.parse_source: a hub source without "
-                                    "@revision passes `validate` and `snakemake -n`; it fails in build_model"),)),
+     ("micro", "revision")),
     ("missing_local_model", _set("models/micro/source", "path:/nonexistent/kvbench-model"),
-     ("micro", "/nonexistent/kvbench-model"),
-     (_xfail("config validation never calls models.parse_source: a missing path: folder is found only by "
-             "the build_model job"),)),
-    ("unknown_builtin_model", _set("models/micro/source", "builtin:micro-synht"), ("micro", "micro-synht"),
-     (_xfail("config validation never calls models.parse_source: an unknown builtin recipe is found only "
-             "by the build_model job"),)),
-    ("unknown_random_arch", _set("models/micro/source", "random:qwen9-0.5b"), ("micro", "qwen9-0.5b"),
-     (_xfail("config validation never calls models.parse_source (unknown random: architecture)"),)),
-    ("budget_zero", _set("studies/long_sequences/budgets", [0]), ("long_sequences", "budgets"), ()),
-    ("budget_negative", _set("studies/long_sequences/budgets", [-32]), ("long_sequences", "budgets"), ()),
-    ("budget_not_integer", _set("studies/long_sequences/budgets", [32.5]), ("long_sequences", "budgets", "32.5"), ()),
-    ("budget_as_string", _set("studies/long_sequences/budgets", ["32"]), ("long_sequences", "budgets"), ()),
-    ("n_sink_not_below_budget", _set("methods/sink4/n_sink", 32), ("long_sequences", "sink4", "n_sink"), ()),
-    ("n_sink_negative", _set("methods/sink4/n_sink", -1), ("sink4", "n_sink"), ()),
-    ("length_beyond_model_positions", _set("studies/oracle/lengths", [100000]), ("oracle", "100000", "positions"),
-     (_xfail("lengths are not checked against the model's max positions (builtin recipes: "
-             "Recipe.max_positions; random: RANDOM_ARCHS; path: config.json): make_data fails after the "
-             "model was built"),)),
-    ("length_too_small_for_a_document", _set("studies/oracle/lengths", [8]), ("oracle", "too small"),
-     (_xfail("a synthetic length below one sentence pair passes validation; make_data fails after the "
-             "model was built"),)),
-    ("wait_k_zero", _set("tasks/translate_stream", {"wait_k": 0}), ("translate_stream", "wait_k"), ()),
-    ("malformed_yaml", lambda: _base_text().replace("studies:\n", "studies: [\n"), (), ()),
-    ("wrong_type_n_samples", _set("datasets/synth/n_samples", "three"), ("n_samples", "three"), ()),
-    ("wrong_type_chunk_size", _set("chunk_size", 1.5), ("chunk_size",), ()),
-    ("wrong_type_method_parameter", _set("methods/sink4/n_sink", "4"), ("sink4", "n_sink"),
-     (_xfail("method fields are not type-checked: n_sink: '4' reaches StreamingLLM.validate and raises a "
-             "bare TypeError (\"'<' not supported\") that names no key"),)),
-    ("duplicate_study_name", _duplicate_study, ("oracle", "duplicate"),
-     (_xfail("PyYAML keeps the last of two `oracle:` studies silently, in load_config and in Snakemake's "
-             "--configfile loader"),)),
-    ("unknown_method_parameter", _set("methods/sink4/n_sinks", 4), ("sink4", "n_sinks"), ()),
+     ("micro", "/nonexistent/kvbench-model")),
+    ("unknown_builtin_model", _set("models/micro/source", "builtin:micro-synht"), ("micro", "micro-synht")),
+    ("unknown_random_arch", _set("models/micro/source", "random:qwen9-0.5b"), ("micro", "qwen9-0.5b")),
+    ("budget_zero", _set("studies/long_sequences/budgets", [0]), ("long_sequences", "budgets")),
+    ("budget_negative", _set("studies/long_sequences/budgets", [-32]), ("long_sequences", "budgets")),
+    ("budget_not_integer", _set("studies/long_sequences/budgets", [32.5]), ("long_sequences", "budgets", "32.5")),
+    ("budget_as_string", _set("studies/long_sequences/budgets", ["32"]), ("long_sequences", "budgets")),
+    ("n_sink_not_below_budget", _set("methods/sink4/n_sink", 32), ("long_sequences", "sink4", "n_sink")),
+    ("n_sink_negative", _set("methods/sink4/n_sink", -1), ("sink4", "n_sink")),
+    ("length_beyond_model_positions", _set("studies/oracle/lengths", [100000]), ("oracle", "100000", "positions")),
+    ("length_too_small_for_a_document", _set("studies/oracle/lengths", [8]), ("oracle", "too small")),
+    ("wait_k_zero", _set("tasks/translate_stream", {"wait_k": 0}), ("translate_stream", "wait_k")),
+    ("malformed_yaml", lambda: _base_text().replace("studies:\n", "studies: [\n"), ()),
+    ("wrong_type_n_samples", _set("datasets/synth/n_samples", "three"), ("n_samples", "three")),
+    ("wrong_type_chunk_size", _set("chunk_size", 1.5), ("chunk_size",)),
+    ("wrong_type_method_parameter", _set("methods/sink4/n_sink", "4"), ("sink4", "n_sink")),
+    ("duplicate_study_name", _duplicate_study, ("oracle", "duplicate")),
+    ("unknown_method_parameter", _set("methods/sink4/n_sinks", 4), ("sink4", "n_sinks")),
     ("study_names_undefined_method", _set("studies/long_sequences/methods", ["full", "sink8"]),
-     ("long_sequences", "sink8"), ()),
-    ("study_names_undefined_model", _set("studies/oracle/models", ["tiny"]), ("oracle", "tiny"), ()),
-    ("study_names_undefined_dataset", _set("studies/oracle/datasets", ["wmt"]), ("oracle", "wmt"), ()),
-    ("unknown_top_level_key", lambda: _base_text() + "studys: {}\n", ("studys",), ()),
-    ("method_without_type", _set("methods/sink4", {"n_sink": 4}), ("sink4", "type"), ()),
-    ("evicting_method_without_integer_budget", _set("studies/latency/budgets", ["full"]), ("latency", "h2o"), ()),
-    ("h2o_recent_ratio_out_of_range", _set("methods/h2o/recent_ratio", 1.5), ("h2o", "recent_ratio"), ()),
-    ("unknown_device", _set("device", "gpu"), ("device", "gpu"), ()),
-    ("model_name_with_slash", lambda: _base_text().replace("  micro:\n", "  micro/v2:\n", 1), ("micro/v2",), ()),
+     ("long_sequences", "sink8")),
+    ("study_names_undefined_model", _set("studies/oracle/models", ["tiny"]), ("oracle", "tiny")),
+    ("study_names_undefined_dataset", _set("studies/oracle/datasets", ["wmt"]), ("oracle", "wmt")),
+    ("unknown_top_level_key", lambda: _base_text() + "studys: {}\n", ("studys",)),
+    ("method_without_type", _set("methods/sink4", {"n_sink": 4}), ("sink4", "type")),
+    ("evicting_method_without_integer_budget", _set("studies/latency/budgets", ["full"]), ("latency", "h2o")),
+    ("h2o_recent_ratio_out_of_range", _set("methods/h2o/recent_ratio", 1.5), ("h2o", "recent_ratio")),
+    ("unknown_device", _set("device", "gpu"), ("device", "gpu")),
+    ("model_name_with_slash", lambda: _base_text().replace("  micro:\n", "  micro/v2:\n", 1), ("micro/v2",)),
     ("unused_method_with_bad_value", _set("methods/spare", {"type": "streaming_llm", "positions": "cahce"}),
-     ("spare", "positions"),
-     (_xfail("parameter values are validated only for methods a study uses with a budget: a typo in a "
-             "defined-but-unused method passes (unknown *keys* in it are caught)"),)),
+     ("spare", "positions")),
     ("unknown_language_code", _set("datasets/wmt", {"source": "hf", "path": "iwslt2017", "src_lang": "english",
                                                     "tgt_lang": "fr"}),
-     ("wmt", "english"),
-     (_xfail("src_lang/tgt_lang of hf datasets are not checked against prompt.LANG_NAMES; eval fails after "
-             "the download and model load"),)),
-    ("empty_config_file", lambda: "", (), ()),
+     ("wmt", "english")),
+    ("empty_config_file", lambda: "", ()),
     ("non_utf8_config_file", lambda: _base_text().replace("seed: 0", "# caf\u00e9\nseed: 0").encode("latin-1"),
-     (), ()),
+     ()),
 ]
 
 # What each entry point must print when the needles above are empty (file-level errors).
@@ -299,640 +282,524 @@ FILE_LEVEL = {
 }
 
 
-@pytest.mark.parametrize("make, needles", [pytest.param(m, n, id=i, marks=k) for i, m, n, k in CONFIG_CASES])
-def test_config_error(ws, request, make, needles):
-    """`kvbench validate BAD` and `snakemake -n --configfile BAD` both stop before any job, naming the key."""
-    case = request.node.callspec.id
-    cfg = ws.write("bad.yaml", make())
-    val = ws.popen([sys.executable, "-m", "kvbench", "validate", cfg])
-    smk = ws.popen([sys.executable, "-m", "snakemake", "-s", os.path.join(REPO, "Snakefile"), "--configfile", cfg,
-                    "--directory", ws.root, "-n"])
-    v_out, s_out = val.communicate(timeout=600)[0], smk.communicate(timeout=600)[0]
-    v_needles, s_needles = FILE_LEVEL.get(case, (needles, needles))
-    ws.fails(subprocess.CompletedProcess([], val.returncode, v_out, ""), *v_needles, one_line=True)
-    ws.fails(subprocess.CompletedProcess([], smk.returncode, s_out, ""), *s_needles)
-    assert "Job stats" not in s_out and "Building DAG" not in s_out, f"Snakemake planned jobs:\n{s_out[-3000:]}"
+# ----------------------------------------------------------------------------- the CLI cases
+@dataclass
+class Case:
+    id: str
+    argv: Callable  # Workspace -> kvbench argv (what follows `python -m kvbench`)
+    needles: tuple = ()
+    one_line: bool = True
+    setup: Callable | None = None  # Workspace -> None: writes the case's inputs before the driver runs
+    ok: Callable | None = None  # a case that must succeed: (Workspace, report) -> None checks its output
+    needs: str | None = None  # "ro" or "tmpfs": skipped where that mount is unavailable
+    new_ok: Callable = field(default=lambda p: False)  # new paths allowed (resume state of a failed job)
 
 
-def test_missing_config_file(ws):
-    ws.fails(ws.kvbench("validate", "nope.yaml"), "nope.yaml", "does not exist", one_line=True)
-    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", os.path.join(REPO, "Snakefile"), "--configfile",
-                        ws.path("nope.yaml"), "--directory", ws.root, "-n"], capture_output=True, text=True)
-    ws.fails(r, "nope.yaml")
+CASES: list[Case] = []
 
 
-@pytest.mark.parametrize("kind", [
-    "bits",
-    pytest.param("group_size", marks=_xfail(
-        "group_size vs head_dim is checked only when QuantMethod makes its store (after the model load, in "
-        "the sample loop); validation could check it for builtin/random/path models, whose head_dim is known")),
-])
-def test_config_quantization_parameters(ws, kind):
-    """bits outside the supported set / a group size that does not divide head_dim (64 here)."""
+def case(id_, argv, *needles, **kw):
+    CASES.append(Case(id_, argv, tuple(needles), **kw))
+
+
+def _cfg_case(id_, make, needles):
+    rel = f"cases/{id_}/bad.yaml"
+    case(f"validate_{id_}", lambda w: ["validate", rel], *needles,
+         setup=lambda w: w.write(rel, make()))
+
+
+for _id, _make, _needles in CONFIG_CASES:
+    _cfg_case(_id, _make, FILE_LEVEL.get(_id, (_needles,))[0])
+case("validate_missing_config_file", lambda w: ["validate", "nope.yaml"], "nope.yaml", "does not exist")
+
+
+def _quant_config(kind):
     found = _quant_method(kind)
-    if found is None:
-        pytest.skip(f"no registered quantized method has a {kind} field (`python -m kvbench methods`)")
-    mtype, field = found
+    assert found, f"no registered quantized method has a {kind} field"
+    mtype, fname = found
     value = _unsupported_bits() if kind == "bits" else 48
-    cfg = ws.write("bad.yaml", _add_method("q", {"type": mtype, field: value})())
-    ws.fails(ws.kvbench("validate", cfg), "'q'", field, f"got {value}", one_line=True)
+    return _add_method("q", {"type": mtype, fname: value}), ("'q'", fname, f"got {value}")
 
 
-# ----------------------------------------------------------------------------- eval
-def test_eval_unknown_method_type(ws):
-    ws.fails(ws.eval(type_="sreaming_llm", method="sink4", budget="32"), "sreaming_llm", one_line=True)
+for _kind in ("bits", "group_size"):
+    _make, _needles = _quant_config(_kind)
+    _cfg_case(f"quantization_{_kind}", _make, _needles)
 
 
-def test_eval_unknown_task(ws):
-    ws.fails(ws.eval(task="translate_strem"), "translate_strem", one_line=True)
+# ---- eval: options and parameters
+case("eval_unknown_method_type", lambda w: w.eval(type_="sreaming_llm", method="sink4", budget="32"), "sreaming_llm")
+case("eval_unknown_task", lambda w: w.eval(task="translate_strem"), "translate_strem")
+for _b in ["0", "-8", "12.5", "abc", "32tokens"]:
+    case(f"eval_bad_budget[{_b}]", lambda w, b=_b: w.eval(method="sink4", type_="streaming_llm", budget=b),
+         "budget", repr(_b))
+case("eval_n_sink_not_below_budget",
+     lambda w: w.eval("--param", "n_sink=32", method="sink4", type_="streaming_llm", budget="32"),
+     "n_sink (32)", "budget (32)")
+case("eval_unknown_method_parameter",
+     lambda w: w.eval("--param", "n_sinks=4", method="sink4", type_="streaming_llm", budget="32"), "n_sinks")
+case("eval_wrong_type_method_parameter",
+     lambda w: w.eval("--param", "n_sink=four", method="sink4", type_="streaming_llm", budget="32"), "n_sink", "four")
+case("eval_evicting_method_at_full_budget", lambda w: w.eval(method="sink4", type_="streaming_llm", budget="full"),
+     "sink4", "integer budget")
+case("eval_full_cache_with_a_budget", lambda w: w.eval(budget="64"), "keeps everything")
+case("eval_length_beyond_model_positions", lambda w: w.eval(length=5000), "5000", "4096")
+for _k in ["0", "-1"]:
+    case(f"eval_wait_k_below_one[{_k}]", lambda w, k=_k: w.eval("--task-param", f"wait_k={k}",
+                                                                  task="translate_stream"), "wait_k", _k)
+case("eval_chunk_size_zero", lambda w: w.eval("--chunk-size", "0"), "chunk_size")
+case("eval_param_without_value", lambda w: w.eval("--param", "n_sink", method="sink4", type_="streaming_llm",
+                                                  budget="32"), "key=value", "n_sink", one_line=False)
+case("eval_malformed_params_json", lambda w: w.eval("--params-json", "{n_sink: 4", method="sink4",
+                                                    type_="streaming_llm", budget="32"), "--params-json")
+case("eval_max_samples_zero", lambda w: w.eval("--max-samples", "0", task="translate_stream"), "max")
+case("eval_unknown_dtype", lambda w: w.eval("--dtype", "flaot32"), "dtype", "flaot32")
+case("eval_unknown_device", lambda w: w.eval("--device", "gpu"), "device", "gpu")
+case("eval_missing_data_file", lambda w: w.eval(data="resources/data/micro/synth/L999.jsonl"), "L999.jsonl")
+case("eval_missing_model", lambda w: w.eval(model="resources/models/nope"), "resources/models/nope", "build-model")
+case("eval_corrupt_model_weights", lambda w: w.eval(model="cases/badmodel"), "badmodel")
+case("eval_head_aware_without_profile", lambda w: w.eval(method="head_aware", budget="32"), "head profile")
 
 
-@pytest.mark.parametrize("budget", ["0", "-8", "12.5", "abc", "32tokens"])
-def test_eval_bad_budget(ws, budget):
-    ws.fails(ws.eval(method="sink4", type_="streaming_llm", budget=budget), "budget", repr(budget), one_line=True)
+def _quant_eval(kind, **kw):
+    found = _quant_method(kind)
+    assert found, f"no registered quantized method has a {kind} field"
+    mtype, fname = found
+    value = _unsupported_bits() if kind == "bits" else 48
+    argv = lambda w: w.eval("--param", f"{fname}={value}", method="q", type_=mtype, budget="32", **kw)  # noqa: E731
+    return argv, ((fname, str(value)) if kind == "bits" else ("group_size", "48", "head_dim"))
 
 
-def test_eval_n_sink_not_below_budget(ws):
-    ws.fails(ws.eval("--param", "n_sink=32", method="sink4", type_="streaming_llm", budget="32"),
-             "n_sink (32)", "budget (32)", one_line=True)
+_qa, _qn = _quant_eval("bits")
+case("eval_quantization_bits", _qa, *_qn)
+_qa, _qn = _quant_eval("group_size")
+case("eval_group_size_not_dividing_head_dim", _qa, *_qn)
 
 
-def test_eval_unknown_method_parameter(ws):
-    ws.fails(ws.eval("--param", "n_sinks=4", method="sink4", type_="streaming_llm", budget="32"), "n_sinks",
-             one_line=True)
+# ---- eval: data files (each case writes cases/<id>/<name> from the finished data file, mutated)
+def _data_case(id_, mutate, *needles, name="bad.jsonl", raw=None, **eval_kw):
+    rel = f"cases/{id_}/{name}"
+
+    def setup(w):
+        if raw is not None:
+            w.write(rel, raw(w))
+            return
+        docs = w.docs()
+        mutate(docs)
+        w.write(rel, _jsonl(docs))
+
+    case(id_, lambda w: w.eval(data=rel, **eval_kw), *needles, setup=setup)
 
 
-@_xfail("method fields are not type-checked: n_sink=four reaches StreamingLLM.validate as a str and raises a "
-        "bare TypeError with a traceback")
-def test_eval_wrong_type_method_parameter(ws):
-    ws.fails(ws.eval("--param", "n_sink=four", method="sink4", type_="streaming_llm", budget="32"), "n_sink",
-             "four", one_line=True)
+def _set_doc(i, **kv):
+    return lambda docs: docs[i].update(kv)
 
 
-def test_eval_evicting_method_at_full_budget(ws):
-    ws.fails(ws.eval(method="sink4", type_="streaming_llm", budget="full"), "sink4", "integer budget", one_line=True)
+def _all_docs(**kv):
+    return lambda docs: [d.update(kv) for d in docs]
 
 
-def test_eval_full_cache_with_a_budget(ws):
-    ws.fails(ws.eval(budget="64"), "keeps everything", one_line=True)
+_data_case("eval_empty_document", _set_doc(1, source=""), "bad.jsonl", "document 1 is empty")
+_data_case("eval_empty_source_for_translation", _set_doc(0, source="   "), "bad.jsonl", "empty",
+           task="translate_stream")
+_data_case("eval_non_utf8_dataset", None, "latin1.jsonl", "not UTF-8", name="latin1.jsonl",
+           raw=lambda w: (lambda docs: _jsonl(docs).replace(docs[0]["source"][:2], "caf\u00e9 ", 1))(
+               w.docs()).encode("latin-1"))
+_data_case("eval_malformed_jsonl", None, "bad.jsonl", "JSONL", raw=lambda w: _jsonl(w.docs())[:-40] + "\n")
+_data_case("eval_document_without_source", lambda docs: docs[1].pop("source"), "bad.jsonl", "source")
+_data_case("eval_unknown_language_pair", _all_docs(src_lang="en", tgt_lang="xx"), "en->xx", task="translate_stream")
+_data_case("eval_translation_without_reference", _all_docs(target=""), "bad.jsonl", "reference target",
+           task="translate_stream")
+_data_case("eval_translation_later_document_without_reference", _set_doc(1, target=""), "bad.jsonl", "1", "target",
+           task="translate_stream")
+_data_case("eval_duplicate_document_ids", lambda docs: docs[1].update(id=docs[0]["id"]), "bad.jsonl", "duplicate")
+_data_case("eval_document_id_not_an_integer", _set_doc(1, id="one"), "bad.jsonl", "'one'")
 
 
-def test_eval_length_beyond_model_positions(ws):
-    ws.fails(ws.eval(length=5000), "5000", "4096", one_line=True)
-
-
-@pytest.mark.parametrize("k", ["0", "-1"])
-def test_eval_wait_k_below_one(ws, k):
-    ws.fails(ws.eval("--task-param", f"wait_k={k}", task="translate_stream"), "wait_k", k, one_line=True)
-
-
-def test_eval_chunk_size_zero(ws):
-    ws.fails(ws.eval("--chunk-size", "0"), "chunk_size", one_line=True)
-
-
-def test_eval_param_without_value(ws):
-    ws.fails(ws.eval("--param", "n_sink", method="sink4", type_="streaming_llm", budget="32"), "key=value", "n_sink")
-
-
-@_xfail("cli.cmd_eval json.loads(--params-json) without context: the message is json's "
-        "'Expecting property name...' and names neither the option nor the text")
-def test_eval_malformed_params_json(ws):
-    ws.fails(ws.eval("--params-json", "{n_sink: 4", method="sink4", type_="streaming_llm", budget="32"),
-             "--params-json", one_line=True)
-
-
-@_xfail("--max-samples 0 leaves no documents; run_eval then indexes docs[0] and dies with IndexError (traceback)")
-def test_eval_max_samples_zero(ws):
-    ws.fails(ws.eval("--max-samples", "0", task="translate_stream"), "max", one_line=True)
-
-
-@_xfail("--dtype is not checked: getattr(torch, 'flaot32') raises AttributeError (traceback) after the "
-        "tokenizer is loaded")
-def test_eval_unknown_dtype(ws):
-    ws.fails(ws.eval("--dtype", "flaot32"), "dtype", "flaot32", one_line=True)
-
-
-@_xfail("--device is not checked: resolve_device('gpu') returns it and model.to('gpu') raises a RuntimeError "
-        "(traceback) after the model is loaded")
-def test_eval_unknown_device(ws):
-    ws.fails(ws.eval("--device", "gpu"), "device", "gpu", one_line=True)
-
-
-def test_eval_missing_data_file(ws):
-    ws.fails(ws.eval(data="resources/data/micro/synth/L999.jsonl"), "L999.jsonl", one_line=True)
-
-
-def test_eval_missing_model(ws):
-    ws.fails(ws.eval(model="resources/models/nope"), "resources/models/nope", "build-model", one_line=True)
-
-
-@_xfail("corrupt weights: safetensors' SafetensorError ('header too small') escapes with a traceback and "
-        "names neither the folder nor the file")
-def test_eval_corrupt_model_weights(ws):
-    bad = ws.path("badmodel")
-    shutil.copytree(ws.model, bad)
-    with open(os.path.join(bad, "model.safetensors"), "wb") as f:
-        f.write(b"not safetensors")
-    ws.fails(ws.eval(model=bad), "badmodel", one_line=True)
-
-
-def test_eval_empty_document(ws):
-    docs = _docs(ws)
-    docs[1]["source"] = ""
-    data = ws.write("bad.jsonl", _jsonl(docs))
-    ws.fails(ws.eval(data=data), "bad.jsonl", "document 1 is empty", one_line=True)
-
-
-def test_eval_empty_source_for_translation(ws):
-    docs = _docs(ws)
-    docs[0]["source"] = "   "
-    data = ws.write("bad.jsonl", _jsonl(docs))
-    ws.fails(ws.eval(task="translate_stream", data=data), "bad.jsonl", "empty", one_line=True)
-
-
-def test_eval_document_shorter_than_k_reads_all_then_writes(ws):
-    """Documented handling, not an error: with fewer source words than k, wait-k reads the whole source
-    and then writes (it becomes the oracle layout); every delay is the source length and the row keeps k."""
-    docs = _docs(ws)[:1]
-    docs[0].update(source=" ".join(docs[0]["source"].split()[:3]), target=" ".join(docs[0]["target"].split()[:3]),
-                   sent_ends=[3])
-    data = ws.write("short.jsonl", _jsonl(docs))
-    out = ws.path("short/out.parquet")
-    r = ws.eval("--task-param", "wait_k=10", task="translate_stream", data=data, out=out)
-    assert r.returncode == 0, r.stderr[-3000:]
-    row = pq.read_table(out).to_pylist()[0]
-    assert row["src_words"] == 3 and row["wait_k"] == 10
-    assert row["delays"] and all(d == 3 for d in row["delays"])
-    ws.assert_untouched()
-
-
-def test_eval_non_utf8_dataset(ws):
-    docs = _docs(ws)
-    text = _jsonl(docs).replace(docs[0]["source"][:2], "caf\u00e9 ", 1)
-    data = ws.write("latin1.jsonl", text.encode("latin-1"))
-    ws.fails(ws.eval(data=data), "latin1.jsonl", "not UTF-8", one_line=True)
-
-
-def test_eval_malformed_jsonl(ws):
-    data = ws.write("bad.jsonl", _jsonl(_docs(ws))[:-40] + "\n")
-    ws.fails(ws.eval(data=data), "bad.jsonl", "JSONL", one_line=True)
-
-
-def test_eval_document_without_source(ws):
-    docs = _docs(ws)
-    del docs[1]["source"]
-    data = ws.write("bad.jsonl", _jsonl(docs))
-    ws.fails(ws.eval(data=data), "bad.jsonl", "source", one_line=True)
-
-
-def test_eval_unknown_language_pair(ws):
-    docs = _docs(ws)
-    for d in docs:
-        d.update(src_lang="en", tgt_lang="xx")
-    data = ws.write("bad.jsonl", _jsonl(docs))
-    ws.fails(ws.eval(task="translate_stream", data=data), "en->xx", one_line=True)
-
-
-def test_eval_translation_without_reference(ws):
-    docs = _docs(ws)
-    for d in docs:
-        d["target"] = ""
-    data = ws.write("bad.jsonl", _jsonl(docs))
-    ws.fails(ws.eval(task="translate_stream", data=data), "bad.jsonl", "reference target", one_line=True)
-
-
-@_xfail("run_eval checks only docs[0] for a reference: a later document without target is translated and "
-        "scored against an empty reference")
-def test_eval_translation_later_document_without_reference(ws):
-    docs = _docs(ws)
-    docs[1]["target"] = ""
-    data = ws.write("bad.jsonl", _jsonl(docs))
-    ws.fails(ws.eval(task="translate_stream", data=data), "bad.jsonl", "1", "target", one_line=True)
-
-
-@_xfail("duplicate document ids share one sidecar name (sample_000000.parquet): the second document is "
-        "silently skipped as 'finished' and the Parquet has one row for two documents")
-def test_eval_duplicate_document_ids(ws):
-    docs = _docs(ws)
-    docs[1]["id"] = docs[0]["id"]
-    data = ws.write("bad.jsonl", _jsonl(docs))
-    ws.fails(ws.eval(data=data), "bad.jsonl", "duplicate", one_line=True)
-
-
-def test_eval_head_aware_without_profile(ws):
-    ws.fails(ws.eval(method="head_aware", budget="32"), "head profile", one_line=True)
-
-
-def _profile_parquet(ws, rel: str, drop=(), layers=4) -> str:
+# ---- eval: head profiles
+def _profile_parquet(w, rel: str, drop=(), layers=4) -> str:
     from kvbench.profiling import COLUMNS
 
     rows = [dict(layer=li, q_head=h, kv_head=h // 2, retrieval=0.1, induction=0.1, local=0.5, sink=0.1,
                  type="local", kv_type="local") for li in range(layers) for h in range(4)]
     t = pa.Table.from_pylist(rows).select([c for c in COLUMNS if c not in drop])
-    p = ws.path(rel)
+    p = w.path(rel)
     os.makedirs(os.path.dirname(p), exist_ok=True)
     pq.write_table(t, p)
-    return p
+    return rel
 
 
-def test_eval_profile_missing_file(ws):
-    ws.fails(ws.eval("--profile", "results/heads/nope.parquet", method="head_aware", budget="32"),
-             "results/heads/nope.parquet", one_line=True)
+PROF_MISSING_COLS = "cases/profiles/bad.parquet"
+PROF_OTHER_SHAPE = "cases/profiles/other.parquet"
+PROF_NOT_PARQUET = "cases/profiles/junk.parquet"
 
 
-def test_eval_profile_missing_columns(ws):
-    prof = _profile_parquet(ws, "profiles/bad.parquet", drop=("kv_type", "retrieval"))
-    ws.before = _snapshot(ws.root)
-    ws.fails(ws.eval("--profile", prof, method="head_aware", budget="32"), "bad.parquet", "kv_type", one_line=True)
+def _profiles(w):
+    _profile_parquet(w, PROF_MISSING_COLS, drop=("kv_type", "retrieval"))
+    _profile_parquet(w, PROF_OTHER_SHAPE, layers=24)
+    w.write(PROF_NOT_PARQUET, b"PAR1 but not really")
 
 
-def test_eval_profile_not_parquet(ws):
-    prof = ws.write("profiles/bad.parquet", b"PAR1 but not really")
-    ws.before = _snapshot(ws.root)
-    ws.fails(ws.eval("--profile", prof, method="head_aware", budget="32"), "bad.parquet", one_line=True)
+def _ha(prof, **kw):
+    return lambda w: w.eval("--profile", prof, method="head_aware", budget="32", **kw)
 
 
-def test_eval_profile_of_another_model_shape(ws):
-    prof = _profile_parquet(ws, "profiles/other.parquet", layers=24)
-    ws.before = _snapshot(ws.root)
-    ws.fails(ws.eval("--profile", prof, method="head_aware", budget="32"), "other.parquet", "24", one_line=True)
+case("eval_profile_missing_file", _ha("results/heads/nope.parquet"), "results/heads/nope.parquet")
+case("eval_profile_missing_columns", _ha(PROF_MISSING_COLS), "bad.parquet", "kv_type")
+case("eval_profile_not_parquet", _ha(PROF_NOT_PARQUET), "junk.parquet")
+case("eval_profile_of_another_model_shape", _ha(PROF_OTHER_SHAPE), "other.parquet", "24")
+
+# ---- eval: checks that must come before the model load (the model folder's weights are corrupt: a
+# check that came after the load would report the weights instead)
+BAD = "cases/badmodel"
+case("before_load_unknown_language_pair", lambda w: w.eval(task="translate_stream", model=BAD,
+                                                           data="cases/eval_unknown_language_pair/bad.jsonl"),
+     "en->xx")
+case("before_load_profile_missing_columns", _ha(PROF_MISSING_COLS, model=BAD), "kv_type")
+case("before_load_profile_missing_file", _ha("profiles/nope.parquet", model=BAD), "nope.parquet")
+case("before_load_profile_of_another_model_shape", _ha(PROF_OTHER_SHAPE, model=BAD), "other.parquet", "24")
+case("before_load_group_size", _quant_eval("group_size", model=BAD)[0], "group_size", "48")
+
+# ---- eval: read-only results folder (a copy of the finished Parquet sits in it and must stay)
+RO = "results/raw/ro_case"
+case("eval_read_only_results_directory", lambda w: w.eval(out=f"{RO}/L256_Bfull.parquet"), "L256_Bfull.parquet",
+     needs="ro")
+case("before_load_read_only_results_directory", lambda w: w.eval(model=BAD, out=f"{RO}/x.parquet"), "cannot write",
+     "x.parquet", needs="ro")
 
 
-def test_eval_quantization_parameters(ws):
-    """bits outside the supported set for a registered quantized method (skipped if none is registered)."""
-    found = _quant_method("bits")
-    if found is None:
-        pytest.skip("no registered quantized method has a bits field (`python -m kvbench methods`)")
-    mtype, field = found
-    bits = _unsupported_bits()
-    ws.fails(ws.eval("--param", f"{field}={bits}", method="q", type_=mtype, budget="32"), field, str(bits),
-             one_line=True)
+# ---- eval: resume state
+def _check_rows(out, ids, **values):
+    def check(w, rep):
+        t = pq.read_table(w.path(out)).to_pylist()
+        assert sorted(r["sample_id"] for r in t) == ids, [r["sample_id"] for r in t]
+        for k, v in values.items():
+            assert {json.loads(r["method_params"])[k] if k == "n_sink" else r[k] for r in t} == {v}, t
+    return check
 
 
-@_xfail("group_size vs head_dim is checked in QuantMethod when the store is made, inside the sample loop: "
-        "after the model load, with <out>.partial/ already created")
-def test_eval_group_size_not_dividing_head_dim(ws):
-    found = _quant_method("group_size")
-    if found is None:
-        pytest.skip("no registered quantized method has a group_size field")
-    mtype, field = found
-    ws.fails(ws.eval("--param", f"{field}=48", method="q", type_=mtype, budget="32"), "group_size", "48",
-             "head_dim", one_line=True)
+def _stale_sidecar(w):
+    """A sidecar of another configuration (n_sink=8) where the n_sink=4 job resumes."""
+    from kvbench.evaluate import run_eval
+
+    other = w.path("cases/stale/other.parquet")
+    run_eval(model_dir=w.path(MODEL_REL), task="ppl", data=w.data, method="sink4", method_type="streaming_llm",
+             params={"n_sink": 8}, budget="32", length=128, out=other, model_name="micro", dataset="synth",
+             device="cpu", max_samples=1)
+    os.makedirs(w.path("cases/stale/L128_B32.parquet.partial"))
+    shutil.copyfile(other, w.path("cases/stale/L128_B32.parquet.partial/sample_000000.parquet"))
 
 
-# A model folder whose weights cannot load: a check that comes before the model load reports its own
-# problem; one that comes after reports the weights instead. evaluate.py promises "Everything is
-# checked before the model is loaded".
-BEFORE_LOAD = {
-    "unknown_language_pair": ("en->xx",),
-    "profile_missing_columns": ("kv_type",),
-    "profile_missing_file": ("nope.parquet",),
-    "read_only_results_directory": ("Read-only",),
-}
+case("eval_stale_sidecar_of_another_configuration",
+     lambda w: w.eval("--param", "n_sink=4", method="sink4", type_="streaming_llm", budget="32",
+                      out="cases/stale/L128_B32.parquet"),
+     setup=_stale_sidecar, ok=_check_rows("cases/stale/L128_B32.parquet", [0, 1], n_sink=4))
+case("eval_corrupt_sidecar_is_recomputed", lambda w: w.eval(out="cases/corrupt/L128_Bfull.parquet"),
+     setup=lambda w: w.write("cases/corrupt/L128_Bfull.parquet.partial/sample_000000.parquet", b"junk"),
+     ok=_check_rows("cases/corrupt/L128_Bfull.parquet", [0, 1]))
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=_xfail(f"checked after load_model in run_eval (fix: check before loading; {c})"))
-    for c in BEFORE_LOAD])
-def test_eval_checks_come_before_the_model_load(ws, case):
-    bad = ws.path("badmodel")
-    shutil.copytree(ws.model, bad)
-    with open(os.path.join(bad, "model.safetensors"), "wb") as f:
-        f.write(b"not safetensors")
-    args, kw = [], {"model": bad}
-    if case == "unknown_language_pair":
-        docs = _docs(ws)
-        for d in docs:
-            d.update(src_lang="en", tgt_lang="xx")
-        kw.update(task="translate_stream", data=ws.write("bad.jsonl", _jsonl(docs)))
-    elif case.startswith("profile"):
-        prof = (_profile_parquet(ws, "profiles/bad.parquet", drop=("kv_type",)) if case == "profile_missing_columns"
-                else "profiles/nope.parquet")
-        args, kw = ["--profile", prof], dict(kw, method="head_aware", budget="32")
-    else:
-        if not _can_mount():
-            pytest.skip("needs root and mount for a read-only folder")
-        ro = ws.path("ro")
-        os.makedirs(ro)
-        with _ro_mount(ro):
-            r = ws.eval(**kw, out=os.path.join(ro, "x.parquet"))
-        ws.before = _snapshot(ws.root)
-        ws.fails(r, *BEFORE_LOAD[case], one_line=True)
-        return
-    ws.before = _snapshot(ws.root)
-    ws.fails(ws.eval(*args, **kw), *BEFORE_LOAD[case], one_line=True)
+def _short_doc(w):
+    docs = w.docs()[:1]
+    docs[0].update(source=" ".join(docs[0]["source"].split()[:3]), target=" ".join(docs[0]["target"].split()[:3]),
+                   sent_ends=[3])
+    w.write("cases/short/short.jsonl", _jsonl(docs))
 
 
-# ----------------------------------------------------------------------------- resume state
-@_xfail("run_eval resumes from any sample_*.parquet in <out>.partial/ without comparing it with the job "
-        "(method_params, budget, length, task, config_hash): rows of another configuration are merged")
-def test_eval_stale_sidecar_of_another_configuration(ws):
-    out = ws.path("results/raw/micro/ppl/synth/sink4/L128_B32.parquet")
-    other = ws.path("other/x.parquet")
-    assert ws.eval("--param", "n_sink=8", "--max-samples", "1", method="sink4", type_="streaming_llm", budget="32",
-                   out=other).returncode == 0
-    os.makedirs(out + ".partial")
-    shutil.copyfile(other, os.path.join(out + ".partial", "sample_000000.parquet"))
-    r = ws.eval("--param", "n_sink=4", method="sink4", type_="streaming_llm", budget="32", out=out)
-    assert r.returncode == 0 or ".partial" in r.stderr, r.stderr[-3000:]
-    if r.returncode == 0:
-        params = {json.loads(p)["n_sink"] for p in pq.read_table(out).column("method_params").to_pylist()}
-        assert params == {4}, f"rows of n_sink=8 merged into the n_sink=4 job: {params}"
+def _short_doc_ok(w, rep):
+    """Documented handling, not an error: with fewer source words than k, wait-k reads the whole source
+    and then writes (it becomes the oracle layout); every delay is the source length and the row keeps k."""
+    row = pq.read_table(w.path("cases/short/out.parquet")).to_pylist()[0]
+    assert row["src_words"] == 3 and row["wait_k"] == 10
+    assert row["delays"] and all(d == 3 for d in row["delays"])
 
 
-@_xfail("a corrupt sidecar in <out>.partial/ counts as finished: every other sample is computed, then "
-        "reading it fails (ArrowInvalid), and every rerun fails the same way until it is deleted by hand")
-def test_eval_corrupt_sidecar_is_recomputed(ws):
-    out = ws.path("results/raw/micro/ppl/synth/full/L128_Bfull.rerun.parquet")
-    os.makedirs(out + ".partial")
-    with open(os.path.join(out + ".partial", "sample_000000.parquet"), "wb") as f:
-        f.write(b"junk")
-    r = ws.eval(out=out)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(pq.read_table(out).column("sample_id").to_pylist()) == [0, 1]
+case("eval_document_shorter_than_k_reads_all_then_writes",
+     lambda w: w.eval("--task-param", "wait_k=10", task="translate_stream", data="cases/short/short.jsonl",
+                      out="cases/short/out.parquet"), setup=_short_doc, ok=_short_doc_ok)
 
 
-# ----------------------------------------------------------------------------- file system
+# ---- disk full: a tiny tmpfs holding a copy of the finished results, filled up to the last few KiB
+FULL = "tiny_fs"
+case("disk_full_eval", lambda w: w.eval(out=f"{FULL}/results/raw/new.parquet"), "No space left on device",
+     "new.parquet", needs="tmpfs",
+     new_ok=lambda p: "new.parquet.partial" in p and ".tmp-" not in p)  # resume state of the failed job
+case("disk_full_aggregate", lambda w: ["aggregate", "--config", TINY, "--raw", RAW_REL, "--out", f"{FULL}/results",
+                                       "--no-figures"], "No space left on device", "all.parquet", needs="tmpfs")
+
+
+# ---- make-data
+def _hf_pairs(w) -> str:
+    rows = [{"translation": {"en": f"the cat sat on the mat {i} .", "fr": f"le chat {i} ."}} for i in range(8)]
+    return w.write("cases/hf/pairs.jsonl", _jsonl(rows))
+
+
+def _md(ds=None, *extra, length="128"):
+    def argv(w):
+        src = ["--dataset-json", json.dumps(ds(w) if callable(ds) else ds)] if ds is not None else []
+        return ["make-data", *src, *extra, "--length", length, "--out", DATA_REL]
+    return argv
+
+
+case("make_data_dataset_not_in_config", _md(None, "--config", TINY, "--dataset", "wmt"), "wmt", "synth")
+case("make_data_unknown_dataset_source", _md({"source": "synthetc"}), "synthetc")
+case("make_data_zero_samples", _md({"source": "synthetic", "n_samples": 0}), "n_samples")
+case("make_data_length_too_small", _md({"source": "synthetic"}, length="8"), "length 8", "too small")
+case("make_data_length_beyond_model_positions", _md({"source": "synthetic"}, "--model", MODEL_REL, length="9000"),
+     "9000", "4096")
+case("make_data_malformed_config", _md(None, "--config", "cases/md_bad/bad.yaml", "--dataset", "synth"),
+     "bad.yaml", "malformed YAML", setup=lambda w: w.write("cases/md_bad/bad.yaml", "studies: [\n"))
+case("make_data_malformed_dataset_json", _md("{source: synthetic"), "--dataset-json")
+case("make_data_hf_missing_data_file",
+     _md(lambda w: {"source": "hf", "path": "json", "data_files": w.path("nope.jsonl"), "split": "train",
+                    "text_field": "text"}, "--model", MODEL_REL), "nope.jsonl")
+case("make_data_hf_language_not_in_dataset",
+     _md(lambda w: {"source": "hf", "path": "json", "data_files": w.path("cases/hf/pairs.jsonl"), "split": "train",
+                    "src_lang": "en", "tgt_lang": "de"}, "--model", MODEL_REL), "tgt_lang", "'de'", "fr",
+     setup=_hf_pairs)
+case("make_data_hf_non_utf8_file",
+     _md(lambda w: {"source": "hf", "path": "json", "data_files": w.path("cases/hf/latin1.jsonl"), "split": "train"},
+         "--model", MODEL_REL), "latin1.jsonl",
+     setup=lambda w: w.write("cases/hf/latin1.jsonl",
+                             json.dumps({"text": "caf\u00e9 au lait ."}, ensure_ascii=False).encode("latin-1")))
+
+# ---- build-model (a finished model folder is at the --out path and must stay)
+for _id, _source, _needles in [
+    ("unknown_scheme", "hug:Qwen/Qwen2.5-0.5B@abc", ("hug:", "builtin:")),
+    ("hub_without_revision", "hub:Qwen/Qwen2.5-0.5B-Instruct", ("revision",)),
+    ("hub_empty_revision", "hub:Qwen/Qwen2.5-0.5B-Instruct@", ("revision",)),
+    ("missing_local_model", "path:/nonexistent/kvbench-model", ("/nonexistent/kvbench-model", "does not exist")),
+    ("local_folder_without_config", "path:results", ("config.json",)),
+    ("unknown_builtin", "builtin:micro-synht", ("micro-synht", "micro-synth")),
+    ("unknown_random_arch", "random:qwen9-0.5b", ("qwen9-0.5b",)),
+    ("empty_name", "builtin:", ("nothing after",)),
+]:
+    case(f"build_model_{_id}", lambda w, s=_source: ["build-model", s, "--out", MODEL_REL], *_needles)
+
+# ---- profile
+case("profile_missing_model", lambda w: ["profile", "--model", "resources/models/nope", "--out",
+                                         "results/heads/nope.parquet"], "resources/models/nope")
+case("profile_zero_prompts", lambda w: ["profile", "--model", MODEL_REL, "--out", "results/heads/micro.parquet",
+                                        "--n-prompts", "0"], "n_prompts")
+
+
+# ---- aggregate (bad raw files are put under results/raw/<case>/..., as a crashed job would leave them)
+def _agg(*raw, config=TINY):
+    return lambda w: ["aggregate", "--config", config, "--raw", RAW_REL, *raw, "--out", "results", "--no-figures"]
+
+
+def _rewrite(rel, fn):
+    def setup(w):
+        p = w.path(rel)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        pq.write_table(fn(pq.read_table(w.raw)), p)
+    return setup
+
+
+def _wrong_type(t):
+    i = t.schema.get_field_index("nll_sum")
+    return t.set_column(i, "nll_sum", pa.array(["lots"] * t.num_rows))
+
+
+_CORRUPT = "results/raw/corrupt/micro/ppl/synth/sink4/L128_B32.parquet"
+_TRUNC = "results/raw/truncated/micro/ppl/synth/sink4/L128_B32.parquet"
+_V99 = "results/raw/v99/micro/ppl/synth/full/L192_Bfull.parquet"
+_NOCOL = "results/raw/nocol/micro/ppl/synth/full/L192_Bfull.parquet"
+_WRONGT = "results/raw/wrongtype/micro/ppl/synth/full/L192_Bfull.parquet"
+_COPY = "results/raw/copy/L128_Bfull.parquet"
+case("aggregate_corrupt_parquet", _agg(_CORRUPT), "sink4/L128_B32.parquet", "not a readable Parquet",
+     setup=lambda w: w.write(_CORRUPT, b"not a parquet file at all"))
+case("aggregate_truncated_parquet", _agg(_TRUNC), "sink4/L128_B32.parquet",
+     setup=lambda w: w.write(_TRUNC, open(w.raw, "rb").read(3000)))
+case("aggregate_unknown_schema_version", _agg(_V99), "L192_Bfull.parquet", "schema version 99",
+     setup=_rewrite(_V99, lambda t: t.set_column(0, "schema_version", pa.array([99] * t.num_rows, pa.int32()))))
+case("aggregate_missing_columns", _agg(_NOCOL), "L192_Bfull.parquet", "nll_sum",
+     setup=_rewrite(_NOCOL, lambda t: t.drop_columns(["nll_sum"])))
+case("aggregate_wrong_column_type", _agg(_WRONGT), "L192_Bfull.parquet", setup=_rewrite(_WRONGT, _wrong_type))
+case("aggregate_missing_raw_file", _agg("results/raw/micro/ppl/synth/h2o/L128_B32.parquet"), "h2o/L128_B32.parquet")
+case("aggregate_same_samples_twice", _agg(_COPY), "more than once", "copy/L128_Bfull.parquet",
+     setup=lambda w: w.write(_COPY, open(w.raw, "rb").read()))
+case("aggregate_malformed_config", _agg(config="cases/agg_bad/bad.yaml"), "bad.yaml", "malformed YAML",
+     setup=lambda w: w.write("cases/agg_bad/bad.yaml", "studies: [\n"))
+case("aggregate_duplicate_key_in_config", _agg(config="cases/agg_dup/bad.yaml"), "bad.yaml", "duplicate",
+     setup=lambda w: w.write("cases/agg_dup/bad.yaml", _duplicate_study()))
+case("aggregate_head_profile_missing_columns",
+     lambda w: ["aggregate", "--figure", "heads", "--heads", "cases/agg_heads/bad.parquet", "--out", "results"],
+     "bad.parquet", "type", setup=lambda w: _profile_parquet(w, "cases/agg_heads/bad.parquet", drop=("kv_type", "type")))
+
+
+# ----------------------------------------------------------------------------- running the cases
 def _can_mount() -> bool:
     return os.geteuid() == 0 and shutil.which("mount") is not None
 
 
-class _ro_mount:
-    """Bind-mount a folder read-only onto itself (root: permission bits do not stop root)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __enter__(self):
-        subprocess.run(["mount", "--bind", self.path, self.path], check=True)
-        r = subprocess.run(["mount", "-o", "remount,ro,bind", self.path], capture_output=True)
-        if r.returncode:
-            subprocess.run(["umount", self.path])
-            pytest.skip(f"read-only remount failed: {r.stderr}")
-
-    def __exit__(self, *exc):
-        subprocess.run(["umount", self.path], check=True)
+def _mount(*args) -> bool:
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
 
 
-def test_eval_read_only_results_directory(ws):
-    """The finished job's folder is read-only: a new job there fails naming the path; the finished file stays."""
-    target = os.path.dirname(ws.raw)
-    out = os.path.join(target, "L256_Bfull.parquet")
+def _read_only(path: str) -> str | None:
+    """Make `path` read-only (root: a read-only bind mount; others: mode 555). Returns how, or None."""
     if os.geteuid() != 0:
-        os.chmod(target, 0o555)
-        try:
-            r = ws.eval(out=out)
-        finally:
-            os.chmod(target, 0o755)
-    elif _can_mount():
-        with _ro_mount(target):
-            r = ws.eval(out=out)
-    else:
-        pytest.skip("root without mount: cannot make a read-only folder")
-    ws.fails(r, "L256_Bfull.parquet", one_line=True)
+        os.chmod(path, 0o555)
+        return "chmod"
+    if _can_mount() and _mount("--bind", path, path):
+        if _mount("-o", "remount,ro,bind", path):
+            return "mount"
+        subprocess.run(["umount", path])
+    return None
 
 
-@pytest.fixture
-def full_disk(ws):
-    """A tiny tmpfs holding a copy of the finished results, filled up to the last few KiB."""
-    if not _can_mount():
-        pytest.skip("disk-full simulation needs root and mount (the in-process variant is test_disk_full_in_process)")
-    mnt = ws.path("tiny_fs")
+def _full_disk(w) -> bool:
+    """A 512 KiB tmpfs at tiny_fs/ with a copy of the finished results, filled to the last 8 KiB."""
+    mnt = w.path(FULL)
     os.makedirs(mnt)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", mnt]).returncode:
-        pytest.skip("cannot mount a tmpfs")
+    if not _can_mount() or not _mount("-t", "tmpfs", "-o", "size=512k", "tmpfs", mnt):
+        return False
+    res = os.path.join(mnt, "results")
+    os.makedirs(os.path.join(res, "raw"))
+    shutil.copyfile(w.raw, os.path.join(res, "raw", "done.parquet"))
+    shutil.copyfile(w.all, os.path.join(res, "all.parquet"))
+    st = os.statvfs(mnt)
+    with open(os.path.join(mnt, "filler"), "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - 8192))
+    return True
+
+
+@pytest.fixture(scope="session")
+def cli_report(tmp_path_factory, finished, tiny_model_dir):
+    """Set up every case in one workspace, run them all in one subprocess; {id: report} (+ skips)."""
+    w = Workspace(tmp_path_factory.mktemp("catalogue") / "project", finished, tiny_model_dir)
+    shutil.copytree(tiny_model_dir, w.path(BAD))
+    with open(w.path(f"{BAD}/model.safetensors"), "wb") as f:
+        f.write(b"not safetensors")
+    _profiles(w)
+    os.makedirs(w.path(RO))
+    shutil.copyfile(w.raw, w.path(f"{RO}/L128_Bfull.parquet"))
+    for c in CASES:
+        if c.setup:
+            c.setup(w)
+    available = {"ro": _read_only(w.path(RO)), "tmpfs": _full_disk(w)}
+    run = [c for c in CASES if not c.needs or available[c.needs]]
+    spec = [dict(id=c.id, argv=[str(a) for a in c.argv(w)], cwd=w.root,
+                 tops=list(TOPS) + ([FULL] if c.needs == "tmpfs" else [])) for c in run]
+    spec_path, report_path = w.path("cases.json"), w.path("report.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    import inspect
+
+    driver = f"import hashlib, os\nTOPS = {TOPS!r}\n" + inspect.getsource(_snapshot) + _DRIVER
     try:
-        res = os.path.join(mnt, "results")
-        os.makedirs(os.path.join(res, "raw"))
-        shutil.copyfile(ws.raw, os.path.join(res, "raw", "done.parquet"))
-        shutil.copyfile(ws.all, os.path.join(res, "all.parquet"))
-        st = os.statvfs(mnt)
-        with open(os.path.join(mnt, "filler"), "wb") as f:
-            f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - 8192))
-        before = _snapshot(mnt, tops=("results",))
-        yield {"mnt": mnt, "results": res, "before": before}
+        r = subprocess.run([sys.executable, "-c", driver, os.path.abspath(__file__), spec_path, report_path],
+                           cwd=w.root, capture_output=True, text=True, env=ENV, timeout=1200)
     finally:
-        subprocess.run(["umount", mnt])
+        if available["ro"] == "mount":
+            subprocess.run(["umount", w.path(RO)])
+        elif available["ro"] == "chmod":
+            os.chmod(w.path(RO), 0o755)
+        if available["tmpfs"]:
+            subprocess.run(["umount", w.path(FULL)])
+    assert r.returncode == 0, f"the case driver failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    with open(report_path) as f:
+        report = json.load(f)
+    return {"ws": w, "report": report, "skipped": {c.id: c.needs for c in CASES if c not in run}}
 
 
-def _disk_full_run(ws, full_disk, entry: str):
-    res = full_disk["results"]
-    if entry == "eval":
-        r = ws.eval(out=os.path.join(res, "raw", "new.parquet"))
+@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def test_cli_case(cli_report, c):
+    if c.id in cli_report["skipped"]:
+        pytest.skip(f"needs a {c.needs} mount (root and mount)")
+    rep = cli_report["report"][c.id]
+    if c.ok:
+        assert rep["rc"] == 0, rep["output"][-3000:]
+        c.ok(cli_report["ws"], rep)
     else:
-        r = ws.kvbench("aggregate", "--config", TINY, "--raw", ws.raw, "--out", res, "--no-figures")
-    after = _snapshot(full_disk["mnt"], tops=("results",))
-    changed = sorted(k for k in full_disk["before"] if after.get(k) != full_disk["before"][k])
-    leftovers = sorted(k for k in after if os.path.basename(k).startswith(".tmp-"))
-    return r, changed, leftovers
+        _check_failure(rep["output"], rep["rc"], c.needles, c.one_line)
+    _check_untouched(rep["changed"], [p for p in rep["new"] if not c.new_ok(p)])
+    if c.needs == "tmpfs":  # nothing half-written left on the full disk
+        assert not [p for p in rep["new"] if os.path.basename(p).startswith(".tmp-")]
 
 
-@pytest.mark.parametrize("entry", ["eval", "aggregate"])
-def test_disk_full_keeps_existing_results(ws, full_disk, entry):
-    r, changed, leftovers = _disk_full_run(ws, full_disk, entry)
-    out = r.stdout + r.stderr
-    assert r.returncode != 0 and "No space left on device" in out, out[-3000:]
-    assert not changed, f"existing results changed on a full disk: {changed}"
-    assert not leftovers, f"temp files left on the full disk: {leftovers}"
-    ws.assert_untouched()
+# ----------------------------------------------------------------------------- Snakemake
+# A representative subset of CONFIG_CASES through `snakemake -n` (each a real Snakemake process; all
+# of them also go through `kvbench validate` above): schema errors, source parsing, method fields,
+# model positions, Snakemake's own YAML errors, and duplicate keys (which its loader would accept).
+SNAKEMAKE_CASES = ["unknown_method_type", "hub_source_without_revision", "wrong_type_method_parameter",
+                   "length_beyond_model_positions", "duplicate_study_name", "malformed_yaml"]
 
 
-@pytest.mark.parametrize("entry", [
-    pytest.param("eval", marks=_xfail("pyarrow's ENOSPC message ('Error writing bytes to file') names no path")),
-    pytest.param("aggregate", marks=_xfail("pyarrow's ENOSPC message names no path, and aggregate prints a "
-                                           "traceback")),
-])
-def test_disk_full_error_names_the_file(ws, full_disk, entry):
-    r, _, _ = _disk_full_run(ws, full_disk, entry)
-    out = r.stdout + r.stderr
-    assert r.returncode != 0 and "Traceback" not in out, out[-3000:]
-    assert full_disk["results"] in out or "new.parquet" in out or "all.parquet" in out, out[-3000:]
+@pytest.fixture(scope="session")
+def snakemake_runs(tmp_path_factory, finished, tiny_model_dir):
+    """Every Snakemake case (and a missing config file) in its own workspace, run two at a time."""
+    makes = {i: m for i, m, _ in CONFIG_CASES}
+    jobs = {}
+    for cid in SNAKEMAKE_CASES + ["missing_config_file"]:
+        root = tmp_path_factory.mktemp(f"smk_{cid}")
+        w = Workspace(root / "project", finished, tiny_model_dir)
+        cfg = w.path("nope.yaml") if cid == "missing_config_file" else w.path(w.write("bad.yaml", makes[cid]()))
+        jobs[cid] = (w, [sys.executable, "-m", "snakemake", "-s", os.path.join(REPO, "Snakefile"), "--configfile",
+                         cfg, "--directory", w.root, "-n"], _snapshot(w.root))
+    out, queue, running = {}, list(jobs), {}
+    while queue or running:
+        while queue and len(running) < 2:
+            cid = queue.pop(0)
+            running[cid] = subprocess.Popen(jobs[cid][1], cwd=jobs[cid][0].root, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True, env=ENV)
+        cid = next(iter(running))
+        p = running.pop(cid)
+        text = p.communicate(timeout=600)[0]
+        w, _, before = jobs[cid]
+        after = _snapshot(w.root)
+        out[cid] = dict(rc=p.returncode, output=text, changed=sorted(k for k in before if after.get(k) != before[k]),
+                        new=sorted(set(after) - set(before)))
+    return out
 
 
-def test_disk_full_in_process(ws, monkeypatch, capsys):
-    """The same without root: every Parquet write raises ENOSPC; the finished file stays, no temp file left."""
+@pytest.mark.dag
+@pytest.mark.parametrize("cid", SNAKEMAKE_CASES + ["missing_config_file"])
+def test_snakemake_config_error(snakemake_runs, cid):
+    """`snakemake -n --configfile BAD` stops while parsing the config, naming the key, before any job."""
+    rep = snakemake_runs[cid]
+    needles = {i: n for i, _, n in CONFIG_CASES}.get(cid, ("nope.yaml",))
+    needles = FILE_LEVEL[cid][1] if cid in FILE_LEVEL else needles
+    _check_failure(rep["output"], rep["rc"], needles, one_line=False)
+    _check_untouched(rep["changed"], rep["new"])
+    assert "Job stats" not in rep["output"] and "Building DAG" not in rep["output"], \
+        f"Snakemake planned jobs:\n{rep['output'][-3000:]}"
+
+
+# ----------------------------------------------------------------------------- in-process checks
+def test_disk_full_in_process(tmp_path, finished, tiny_model_dir, monkeypatch):
+    """Without root: every Parquet write raises ENOSPC; the message names the file, the finished file
+    stays, no temp file is left."""
     from kvbench import cli
+
+    w = Workspace(tmp_path / "project", finished, tiny_model_dir)
+    before = _snapshot(w.root)
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pq, "write_table", full)
-    monkeypatch.chdir(ws.root)
+    monkeypatch.chdir(w.root)
     with pytest.raises(SystemExit) as e:
-        cli.main(["eval", "--model", ws.model, "--task", "ppl", "--data", ws.data, "--method", "full",
-                  "--length", "128", "--device", "cpu", "--out", ws.raw])
-    assert "No space left on device" in str(e.value)
-    after = _snapshot(ws.root)
-    assert all(after.get(k) == v for k, v in ws.before.items()), "the finished Parquet changed"
+        cli.main(w.eval())
+    assert "No space left on device" in str(e.value) and "L128_Bfull.parquet" in str(e.value), str(e.value)
+    after = _snapshot(w.root)
+    assert all(after.get(k) == v for k, v in before.items()), "the finished Parquet changed"
     assert not [k for k in after if os.path.basename(k).startswith(".tmp-")]
 
 
-# ----------------------------------------------------------------------------- make-data, build-model, profile
-def test_make_data_dataset_not_in_config(ws):
-    ws.fails(ws.kvbench("make-data", "--config", TINY, "--dataset", "wmt", "--length", "128", "--out",
-                        DATA_REL), "wmt", "synth", one_line=True)
+def test_builtin_geometry_matches_the_builtin_model():
+    """Validation knows builtin models' head_dim and positions without building them: keep them in step."""
+    from types import SimpleNamespace
+
+    from kvbench import builtin, models
+
+    for name in builtin.RECIPES:
+        g = models.source_geometry(f"builtin:{name}")
+        cfg = builtin.build_config(100, SimpleNamespace(bos_token_id=0, eos_token_id=1, pad_token_id=2),
+                                   g["max_positions"])
+        assert g["head_dim"] == cfg.head_dim
 
 
-def test_make_data_unknown_dataset_source(ws):
-    ws.fails(ws.kvbench("make-data", "--dataset-json", '{"source": "synthetc"}', "--length", "128", "--out",
-                        DATA_REL), "synthetc", one_line=True)
-
-
-def test_make_data_zero_samples(ws):
-    ws.fails(ws.kvbench("make-data", "--dataset-json", '{"source": "synthetic", "n_samples": 0}', "--length",
-                        "128", "--out", DATA_REL), "n_samples", one_line=True)
-
-
-def test_make_data_length_too_small(ws):
-    ws.fails(ws.kvbench("make-data", "--dataset-json", '{"source": "synthetic"}', "--length", "8", "--out",
-                        DATA_REL), "length 8", "too small", one_line=True)
-
-
-def test_make_data_length_beyond_model_positions(ws):
-    ws.fails(ws.kvbench("make-data", "--dataset-json", '{"source": "synthetic"}', "--length", "9000", "--model",
-                        ws.model, "--out", DATA_REL), "9000", "4096", one_line=True)
-
-
-def test_make_data_malformed_config(ws):
-    cfg = ws.write("bad.yaml", "studies: [\n")
-    ws.fails(ws.kvbench("make-data", "--config", cfg, "--dataset", "synth", "--length", "128", "--out", DATA_REL),
-             "bad.yaml", "malformed YAML", one_line=True)
-
-
-def _hf_pairs(ws) -> str:
-    rows = [{"translation": {"en": f"the cat sat on the mat {i} .", "fr": f"le chat {i} ."}} for i in range(8)]
-    return ws.write("pairs.jsonl", _jsonl(rows))
-
-
-def test_make_data_hf_missing_data_file(ws):
-    ds = {"source": "hf", "path": "json", "data_files": ws.path("nope.jsonl"), "split": "train", "text_field": "text"}
-    ws.fails(ws.kvbench("make-data", "--dataset-json", json.dumps(ds), "--length", "128", "--model", ws.model,
-                        "--out", DATA_REL), "nope.jsonl", one_line=True)
-
-
-@_xfail("data.hf_docs indexes row['translation'][tgt_lang]: the error is the bare KeyError text \"'de'\"; it "
-        "should name tgt_lang and the languages the dataset has (en, fr)")
-def test_make_data_hf_language_not_in_dataset(ws):
-    ds = {"source": "hf", "path": "json", "data_files": _hf_pairs(ws), "split": "train", "src_lang": "en",
-          "tgt_lang": "de"}
-    ws.before = _snapshot(ws.root)
-    ws.fails(ws.kvbench("make-data", "--dataset-json", json.dumps(ds), "--length", "128", "--model", ws.model,
-                        "--out", DATA_REL), "tgt_lang", "'de'", "fr", one_line=True)
-
-
-@_xfail("a non-UTF-8 hf data file fails with the codec's message only ('utf-8' codec can't decode ...), "
-        "without the file name")
-def test_make_data_hf_non_utf8_file(ws):
-    p = ws.write("latin1.jsonl", json.dumps({"text": "caf\u00e9 au lait ."}, ensure_ascii=False).encode("latin-1"))
-    ds = {"source": "hf", "path": "json", "data_files": p, "split": "train"}
-    ws.before = _snapshot(ws.root)
-    ws.fails(ws.kvbench("make-data", "--dataset-json", json.dumps(ds), "--length", "128", "--model", ws.model,
-                        "--out", DATA_REL), "latin1.jsonl", one_line=True)
-
-
-@pytest.mark.parametrize("source, needles", [
-    ("hug:Qwen/Qwen2.5-0.5B@abc", ("hug:", "builtin:")),
-    ("hub:Qwen/Qwen2.5-0.5B-Instruct", ("revision",)),
-    ("hub:Qwen/Qwen2.5-0.5B-Instruct@", ("revision",)),
-    ("path:/nonexistent/kvbench-model", ("/nonexistent/kvbench-model", "does not exist")),
-    ("path:results", ("config.json",)),
-    ("builtin:micro-synht", ("micro-synht", "micro-synth")),
-    ("random:qwen9-0.5b", ("qwen9-0.5b",)),
-    ("builtin:", ("nothing after",)),
-], ids=["unknown_scheme", "hub_without_revision", "hub_empty_revision", "missing_local_model",
-        "local_folder_without_config", "unknown_builtin", "unknown_random_arch", "empty_name"])
-def test_build_model_bad_source(ws, source, needles):
-    ws.add_model()
-    ws.fails(ws.kvbench("build-model", source, "--out", "resources/models/micro"), *needles, one_line=True)
-
-
-def test_profile_missing_model(ws):
-    ws.fails(ws.kvbench("profile", "--model", "resources/models/nope", "--out", "results/heads/nope.parquet"),
-             "resources/models/nope", one_line=True)
-
-
-@_xfail("profile --n-prompts 0 is not checked: torch.stack of no runs raises RuntimeError (traceback) after "
-        "the model is loaded")
-def test_profile_zero_prompts(ws):
-    ws.fails(ws.kvbench("profile", "--model", ws.model, "--out", "results/heads/micro.parquet", "--n-prompts", "0"),
-             "n_prompts", one_line=True)
-
-
-# ----------------------------------------------------------------------------- aggregate
-def _aggregate(ws, *raw):
-    return ws.kvbench("aggregate", "--config", TINY, "--raw", ws.raw, *raw, "--out", "results", "--no-figures")
-
-
-def test_aggregate_corrupt_parquet(ws):
-    bad = ws.write("results/raw/micro/ppl/synth/sink4/L128_B32.parquet", b"not a parquet file at all")
-    ws.before = _snapshot(ws.root)
-    ws.fails(_aggregate(ws, bad), "sink4/L128_B32.parquet", "not a readable Parquet")
-
-
-def test_aggregate_truncated_parquet(ws):
-    with open(ws.raw, "rb") as f:
-        head = f.read(3000)
-    bad = ws.write("results/raw/micro/ppl/synth/sink4/L128_B32.parquet", head)
-    ws.before = _snapshot(ws.root)
-    ws.fails(_aggregate(ws, bad), "sink4/L128_B32.parquet")
-
-
-def _rewrite(ws, rel, fn) -> str:
-    t = fn(pq.read_table(ws.raw))
-    p = ws.path(rel)
-    os.makedirs(os.path.dirname(p), exist_ok=True)
-    pq.write_table(t, p)
-    ws.before = _snapshot(ws.root)
-    return p
-
-
-def test_aggregate_unknown_schema_version(ws):
-    bad = _rewrite(ws, "results/raw/micro/ppl/synth/full/L192_Bfull.parquet",
-                   lambda t: t.set_column(0, "schema_version", pa.array([99] * t.num_rows, pa.int32())))
-    ws.fails(_aggregate(ws, bad), "L192_Bfull.parquet", "schema version 99")
-
-
-def test_aggregate_missing_columns(ws):
-    bad = _rewrite(ws, "results/raw/micro/ppl/synth/full/L192_Bfull.parquet", lambda t: t.drop_columns(["nll_sum"]))
-    ws.fails(_aggregate(ws, bad), "L192_Bfull.parquet", "nll_sum")
-
-
-def test_aggregate_wrong_column_type(ws):
-    def fn(t):
-        i = t.schema.get_field_index("nll_sum")
-        return t.set_column(i, "nll_sum", pa.array(["lots"] * t.num_rows))
-    bad = _rewrite(ws, "results/raw/micro/ppl/synth/full/L192_Bfull.parquet", fn)
-    ws.fails(_aggregate(ws, bad), "L192_Bfull.parquet")
-
-
-def test_aggregate_missing_raw_file(ws):
-    ws.fails(_aggregate(ws, "results/raw/micro/ppl/synth/h2o/L128_B32.parquet"), "h2o/L128_B32.parquet")
-
-
-def test_aggregate_same_samples_twice(ws):
-    copy_ = ws.path("results/raw/copy/L128_Bfull.parquet")
-    os.makedirs(os.path.dirname(copy_))
-    shutil.copyfile(ws.raw, copy_)
-    ws.before = _snapshot(ws.root)
-    ws.fails(_aggregate(ws, copy_), "more than once", "copy/L128_Bfull.parquet")
-
-
-def test_aggregate_malformed_config(ws):
-    cfg = ws.write("bad.yaml", "studies: [\n")
-    ws.fails(ws.kvbench("aggregate", "--config", cfg, "--raw", ws.raw, "--out", "results", "--no-figures"),
-             "bad.yaml")
-
-
-def test_aggregate_head_profile_missing_columns(ws):
-    prof = _profile_parquet(ws, "profiles/bad.parquet", drop=("kv_type", "type"))
-    ws.before = _snapshot(ws.root)
-    ws.fails(ws.kvbench("aggregate", "--figure", "heads", "--heads", prof, "--out", "results"), "bad.parquet",
-             "type")
-
-
-@_xfail("`python -m kvbench aggregate` bypasses cli.main's error handler (it returns agg_main directly): "
-        "SchemaError/ValueError/YAMLError come out as tracebacks, unlike every other command")
-def test_aggregate_errors_are_one_line(ws):
-    bad = ws.write("results/raw/micro/ppl/synth/sink4/L128_B32.parquet", b"not a parquet file at all")
-    ws.before = _snapshot(ws.root)
-    ws.fails(_aggregate(ws, bad), "sink4/L128_B32.parquet", one_line=True)
+def test_catalogue_size():
+    assert len(CASES) + len(SNAKEMAKE_CASES) >= 25

@@ -319,12 +319,16 @@ def main(argv=None) -> int:
     if not (args.config or args.config_json):
         p.error("--config or --config-json is required (unless --figure)")
     if args.config_json:
-        config = json.loads(args.config_json)
+        try:
+            config = json.loads(args.config_json)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config-json: not valid JSON ({e})") from None
     else:  # only `studies` (and `aggregate`) are read here; the full config is validated upstream
-        import yaml
+        from kvbench.config import load_yaml
 
-        with open(args.config, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
+        config = load_yaml(args.config) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{args.config or '--config-json'}: the config must be a mapping")
     written = aggregate(args.raw, config, args.out, args.heads, with_figures=not args.no_figures)
     print(f"aggregate: {len(args.raw)} raw files -> {len(written)} outputs under {args.out}")
     return 0

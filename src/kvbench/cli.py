@@ -30,6 +30,16 @@ def _kv(items: list[str]) -> dict:
     return out
 
 
+def _json_object(option: str, text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option}: not valid JSON ({e.msg} at column {e.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option}: expected a JSON object {{...}}, got {text!r}")
+    return value
+
+
 def cmd_build_model(a) -> None:
     from .models import build_model
 
@@ -42,7 +52,7 @@ def cmd_make_data(a) -> None:
     from .data import make_data
 
     if a.dataset_json:
-        ds, seed = json.loads(a.dataset_json), a.seed or 0
+        ds, seed = _json_object("--dataset-json", a.dataset_json), a.seed or 0
     else:
         cfg = load_config(a.config)
         if a.dataset not in cfg["datasets"]:
@@ -64,9 +74,11 @@ def cmd_make_data(a) -> None:
 def cmd_eval(a) -> None:
     from .evaluate import run_eval
 
+    params = {**_json_object("--params-json", a.params_json), **_kv(a.param)}
+    task_params = {**_json_object("--task-params-json", a.task_params_json), **_kv(a.task_param)}
     run_eval(model_dir=a.model, task=a.task, data=a.data, method=a.method, method_type=a.type or a.method,
-             params={**json.loads(a.params_json), **_kv(a.param)}, budget=a.budget, length=a.length, out=a.out, model_name=a.model_name,
-             dataset=a.dataset, task_params={**json.loads(a.task_params_json), **_kv(a.task_param)}, seed=a.seed, device=a.device, dtype=a.dtype,
+             params=params, budget=a.budget, length=a.length, out=a.out, model_name=a.model_name,
+             dataset=a.dataset, task_params=task_params, seed=a.seed, device=a.device, dtype=a.dtype,
              chunk_size=a.chunk_size, config_hash=a.config_hash, max_samples=a.max_samples,
              profile=a.profile, log=sys.stderr)
 
@@ -157,11 +169,12 @@ def main(argv=None) -> None:
     s.set_defaults(fn=cmd_validate)
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "aggregate":
+    if argv and argv[0] == "aggregate":  # its own options (see its --help), the same error handling
         from .aggregate import main as agg_main
 
-        return agg_main(argv[1:])
-    a = p.parse_args(argv)
+        a = argparse.Namespace(cmd="aggregate", fn=lambda _: agg_main(argv[1:]))
+    else:
+        a = p.parse_args(argv)
     try:
         a.fn(a)
     except (ValueError, OSError, KeyError) as e:

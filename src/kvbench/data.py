@@ -42,7 +42,15 @@ def _rows(cfg: dict):
 
     kw = {k: cfg[k] for k in ("name", "data_files", "split") if cfg.get(k) is not None}
     kw.setdefault("split", "test")
-    return datasets.load_dataset(cfg["path"], **kw)
+    try:
+        return datasets.load_dataset(cfg["path"], **kw)
+    except Exception as e:  # noqa: BLE001 - missing file, bad encoding, offline: name what was asked for
+        where = f"{cfg['path']!r}" + (f" (data_files {cfg['data_files']!r})" if cfg.get("data_files") else "")
+        cause = e
+        while cause.__cause__ is not None and not isinstance(cause, UnicodeDecodeError):  # the real reason
+            cause = cause.__cause__
+        why = f"{type(e).__name__}: {e}" + (f"; caused by {type(cause).__name__}: {cause}" if cause is not e else "")
+        raise ValueError(f"cannot load dataset {where}: {why}") from e
 
 
 def hf_docs(cfg: dict, length: int, n: int, tokenizer) -> list[dict]:
@@ -53,6 +61,13 @@ def hf_docs(cfg: dict, length: int, n: int, tokenizer) -> list[dict]:
     overhead = 32  # prompt and markers: a conservative allowance
     docs, cur = [], dict(src=[], tgt=[], ends=[], tokens=overhead)
     translation = "translation" in rows.column_names
+    if translation:
+        if not (src_lang and tgt_lang):
+            raise ValueError(f"dataset {cfg.get('path')!r} holds translation pairs: give src_lang and tgt_lang")
+        have = sorted(rows[0]["translation"]) if len(rows) else []
+        for key, lang in (("src_lang", src_lang), ("tgt_lang", tgt_lang)):
+            if lang not in have:
+                raise ValueError(f"dataset {cfg.get('path')!r}: {key} {lang!r} is not among its languages {have}")
 
     def flush():
         if cur["src"]:
@@ -99,7 +114,11 @@ def make_data(cfg: dict, length: int, n: int, seed: int, out: str, tokenizer=Non
     elif src == "hf":
         if tokenizer is None:
             raise ValueError("hf datasets are built to a token length: pass the model (--model DIR)")
-        docs = hf_docs(cfg, length, n, tokenizer)
+        try:
+            docs = hf_docs(cfg, length, n, tokenizer)
+        except UnicodeDecodeError as e:  # raised while reading rows lazily: name what was read
+            where = f"{cfg.get('path')!r}" + (f" (data_files {cfg['data_files']!r})" if cfg.get("data_files") else "")
+            raise ValueError(f"dataset {where}: not UTF-8 text ({e})") from None
     else:
         raise ValueError(f"unknown dataset source {src!r}; use 'synthetic' or 'hf'")
     _dump(docs, out)
@@ -116,10 +135,18 @@ def read_docs(path: str) -> list[dict]:
         raise ValueError(f"{path}: not a kvbench JSONL dataset ({e})") from e
     if not docs:
         raise ValueError(f"{path}: no documents")
-    for d in docs:
+    seen = set()
+    for i, d in enumerate(docs):
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: line {i + 1} is not a document (a JSON object)")
         missing = [k for k in ("id", "source") if k not in d]
         if missing:
             raise ValueError(f"{path}: document without {missing}")
+        if not isinstance(d["id"], int) or isinstance(d["id"], bool) or d["id"] < 0:
+            raise ValueError(f"{path}: document ids must be integers >= 0, got {d['id']!r}")
+        if d["id"] in seen:
+            raise ValueError(f"{path}: duplicate document id {d['id']} (each sample needs its own id)")
+        seen.add(d["id"])
         if not str(d["source"]).strip():
             raise ValueError(f"{path}: document {d['id']} is empty")
     return docs

@@ -39,8 +39,58 @@ RANDOM_ARCHS = {
 }
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+BUILTIN_HEAD_DIM = 64  # builtin.build_config (shared BUILTIN_MODEL.md); tests/test_bad_inputs.py checks it
+
+
 class SourceError(ValueError):
     pass
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+
+
+def check_device(device: str) -> None:
+    """auto | cpu | cuda | cuda:<index> | mps (checked before anything is loaded)."""
+    base, _, index = str(device).partition(":")
+    if base not in ("auto", "cpu", "cuda", "mps") or (index and (base != "cuda" or not index.isdigit())):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
+
+
+def _geometry(cfg: dict) -> dict:
+    heads = cfg.get("num_attention_heads")
+    head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if cfg.get("hidden_size") and heads else None)
+    return {"max_positions": cfg.get("max_position_embeddings"), "head_dim": head_dim}
+
+
+def source_geometry(source: str) -> dict | None:
+    """{'max_positions', 'head_dim'} of a source's model without building or loading it, or None when
+    only the model itself knows (hub sources). Call parse_source first."""
+    scheme, name, _ = parse_source(source)
+    if scheme == "builtin":
+        from .builtin import RECIPES, Recipe
+
+        return {"max_positions": Recipe(**RECIPES[name]).max_positions, "head_dim": BUILTIN_HEAD_DIM}
+    if scheme == "random":
+        return _geometry(RANDOM_ARCHS[name])
+    if scheme == "path":
+        return folder_geometry(name)
+    return None
+
+
+def folder_geometry(model_dir: str) -> dict:
+    """The same from a model folder's config.json (ValueError naming the file if it is unreadable)."""
+    p = os.path.join(model_dir, "config.json")
+    try:
+        with open(p, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{p}: not a readable model config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{p}: not a model config (a JSON object)")
+    return _geometry(cfg)
 
 
 def parse_source(source: str) -> tuple[str, str, str | None]:
@@ -69,10 +119,14 @@ def parse_source(source: str) -> tuple[str, str, str | None]:
     return scheme, rest, None
 
 
+_NOT_HASHED = ("kvbench_source.json", "build_info.json")
+
+
 def folder_hash(d: str) -> str:
     h = hashlib.sha256()
     for name in sorted(os.listdir(d)):
-        if name.endswith((".json", ".safetensors", ".txt", ".model")) and name != "kvbench_source.json":
+        # build_info.json holds training times: the same weights must keep the same revision
+        if name.endswith((".json", ".safetensors", ".txt", ".model")) and name not in _NOT_HASHED:
             with open(os.path.join(d, name), "rb") as f:
                 h.update(name.encode())
                 h.update(f.read())
@@ -134,10 +188,15 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32", trus
 
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"no model at {model_dir!r} (missing config.json); run build-model first")
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
-    ).to(device).eval()
+    check_dtype(dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
+        )
+    except Exception as e:  # noqa: BLE001 - corrupt weights, bad config, missing tokenizer: name the folder
+        raise ValueError(f"cannot load the model in {model_dir!r} ({type(e).__name__}: {e})") from e
+    model = model.to(device).eval()
     p = os.path.join(model_dir, "kvbench_source.json")
     info = json.load(open(p)) if os.path.exists(p) else {"source": f"path:{model_dir}", "quality_meaningful": True}
     info.setdefault("revision", folder_hash(model_dir))
@@ -147,6 +206,7 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32", trus
 def resolve_device(device: str) -> str:
     import torch
 
+    check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

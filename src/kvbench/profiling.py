@@ -139,6 +139,10 @@ def run_profile(model_dir: str, out: str, seed: int = 0, n_prompts: int = 8, log
     from .prompt import is_builtin
 
     o = {**DEFAULTS, **opts}
+    if not isinstance(n_prompts, int) or n_prompts < 1:
+        raise ValueError(f"n_prompts must be >= 1, got {n_prompts!r}")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"no model at {model_dir!r} (missing config.json); run build-model first")
     model, tok, info = load_model(model_dir)
     rng = random.Random(seed)
     with torch.inference_mode():
@@ -178,7 +182,9 @@ def run_profile(model_dir: str, out: str, seed: int = 0, n_prompts: int = 8, log
     return df
 
 
-def read_profile(path: str, model=None) -> HeadProfile:
+def read_profile(path: str, model=None, shape: tuple[int, int] | None = None) -> HeadProfile:
+    """Read and check a head profile; `model` (or `shape` = (layers, KV heads), known from config.json
+    before the model is loaded) must match its layers and KV heads."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"head profile {path!r} does not exist; run `kvbench profile` first")
     try:
@@ -190,10 +196,12 @@ def read_profile(path: str, model=None) -> HeadProfile:
         raise ValueError(f"head profile {path!r} lacks columns {missing}")
     n_l = int(df["layer"].max()) + 1
     hkv = int(df["kv_head"].max()) + 1
+    want = shape
     if model is not None:
         c = model.config
-        want = (c.num_hidden_layers, getattr(c, "num_key_value_heads", c.num_attention_heads))
-        if (n_l, hkv) != want:
+        want = (c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+    if want is not None:
+        if (n_l, hkv) != tuple(want):
             raise ValueError(f"head profile {path!r} has {n_l} layers x {hkv} KV heads, the model {want[0]} x {want[1]}")
     kv = df.drop_duplicates(["layer", "kv_head"]).sort_values(["layer", "kv_head"])
     types = [kv[kv["layer"] == li]["kv_type"].tolist() for li in range(n_l)]

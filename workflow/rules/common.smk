@@ -16,6 +16,12 @@ from kvbench.config import (
 from kvbench.aggregate import FIGURE_TASKS  # noqa: E402
 from kvbench.methods import REGISTRY  # noqa: E402
 
+# Snakemake's YAML loading keeps the last of two equal keys silently: re-read the files strictly first
+from kvbench.config import load_yaml  # noqa: E402
+
+for _configfile in workflow.configfiles:
+    load_yaml(str(_configfile))
+
 validate(config, "../schemas/config.schema.yaml")
 validate_config(config)
 
