@@ -34,9 +34,9 @@ TRIAL_CONFIG = os.path.join(REPO, "tests", "data", "trial.yaml")
 # columns that measure time (differ run to run by nature) and are left out of every comparison
 TIMING = ("wall_seconds", "tokens_per_second", "decode_ms_median", "decode_ms_p90")
 # provenance that may change between two runs of the same config: `git_commit` (a commit landing
-# between the kill and the rerun), and `revision` of a builtin model, a hash of its folder that includes
-# build_info.json (training seconds; tests/test_resume.py::test_model_revision_is_stable_across_builds)
-VOLATILE = ("git_commit", "revision")
+# between the kill and the rerun). `revision` (a content hash of the model folder without its
+# build_info.json) must be the same: tests/test_resume.py::test_model_revision_is_stable_across_builds
+VOLATILE = ("git_commit",)
 NOT_COMPARED = TIMING + VOLATILE
 
 
@@ -267,6 +267,11 @@ def main(argv=None) -> int:
     base = a.workdir or tempfile.mkdtemp(prefix="kvbench-kill-resume-")
     os.makedirs(base, exist_ok=True)
     config = os.path.abspath(a.config)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _util import machine
+
+    t_start = time.monotonic()
+    print(machine(), flush=True)
     print(f"config {config}, folders under {base}", flush=True)
     ref = reference_run(base, config)
     print(f"reference run: {ref['seconds']:.1f} s", flush=True)
@@ -288,7 +293,7 @@ def main(argv=None) -> int:
     n_stale = sum(bool(r["stale_tmp"]) for r in results)
     n_cut = sum(r["killed_during"] != ["(already finished)"] for r in results)
     print(f"recovered {k}/{len(results)} (runs interrupted by the kill: {n_cut}/{len(results)}; trials leaving "
-          f"stale .tmp-* of the killed run: {n_stale}/{len(results)})")
+          f"stale .tmp-* of the killed run: {n_stale}/{len(results)}); total {time.monotonic() - t_start:.0f} s")
     if not a.keep and k == len(results):
         shutil.rmtree(base, ignore_errors=True)
     return 0 if k == len(results) else 1
