@@ -111,13 +111,16 @@ class ChannelKeys:
     def deq(self, dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
         if not self.q.shape[0]:
             return torch.empty(0, self.d, dtype=dtype, device=self.q.device)
+        s, z = self.s.float(), self.z.float()  # exact; widened before expanding (half ops are slow on CPU)
         if rows is None:  # every row: scales expanded group by group, no index tensor
-            q, s, z = self.q, self.s.repeat_interleave(self.size, dim=0), self.z.repeat_interleave(self.size, dim=0)
+            n = self.q.shape[0]
+            q, s, z = self.q, s.repeat_interleave(self.size, dim=0, output_size=n), \
+                z.repeat_interleave(self.size, dim=0, output_size=n)
         else:
             gid = torch.repeat_interleave(torch.arange(len(self.size), device=self.q.device), self.size)[rows]
-            q, s, z = self.q[rows], self.s[gid], self.z[gid]
+            q, s, z = self.q[rows], s[gid], z[gid]
         c = unpack_codes(q, self.bits, self.d).float()  # same arithmetic as QTensor.dequantize
-        return (c * s.float() + z.float()).to(dtype)
+        return (c * s + z).to(dtype)
 
     def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         """Drop rows where keep (n,) is False; returns the surviving rows' old indices in new order."""
