@@ -233,3 +233,5 @@ def test_cli_without_raw_files_writes_every_output(tmp_path):
     assert "no data for this study" in (res / "tables" / "long.tex").read_text()
     for name in ("bleu", "ppl", "memory", "latency", "pareto", "lagging", "heads"):
         assert all((res / "figures" / f"{name}.{ext}").exists() for ext in ("pdf", "png", "csv"))
+    assert agg.main(["--figure", "training", "--models", str(tmp_path / "no-model"), "--out", str(res)]) == 0
+    assert (res / "figures" / "training.pdf").exists() and pd.read_csv(res / "figures" / "training.csv").empty

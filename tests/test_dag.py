@@ -67,9 +67,11 @@ def test_outputs_exist_and_are_non_trivial(dag_run):
         t = pd.read_csv(res / "tables" / f"{study}.csv")
         assert len(t) == n_rows, (study, t)
         assert (res / "tables" / f"{study}.tex").read_text().count("\\midrule") >= 1
-    for fig in ("bleu", "ppl", "memory", "latency", "pareto", "lagging"):
+    for fig in ("bleu", "ppl", "memory", "latency", "pareto", "lagging", "training"):
         assert (res / "figures" / f"{fig}.pdf").stat().st_size > 5000
         assert (res / "figures" / f"{fig}.png").stat().st_size > 5000
+    curve = pd.read_csv(res / "figures" / "training.csv")  # the micro model's loss curve
+    assert set(curve["model"]) == {"micro"} and len(curve) == curve["step"].max() + 1
     bleu = pd.read_csv(res / "figures" / "bleu.csv")
     assert {"full", "sink4", "h2o"} <= set(bleu["method"]) and {128, 192} <= set(bleu["length"])
     mem = pd.read_csv(res / "tables" / "cells.csv")

@@ -261,13 +261,16 @@ def _write_csv(df: pd.DataFrame, path: str) -> str:
 # which tasks each figure reads (its Snakemake rule asks for exactly those raw files)
 FIGURE_TASKS = {"bleu": ("translate_stream", "translate_batch"), "ppl": ("ppl",), "latency": ("latency",),
                 "pareto": ("translate_stream",), "lagging": ("translate_stream",),
-                "memory": ("translate_stream", "translate_batch", "ppl", "latency"), "heads": ()}
+                "memory": ("translate_stream", "translate_batch", "ppl", "latency"), "heads": (), "training": ()}
 
 
-def figure(name: str, raw_files: list[str], out_dir: str, heads_files: list[str] = ()) -> list[str]:
+def figure(name: str, raw_files: list[str], out_dir: str, heads_files: list[str] = (),
+           model_dirs: list[str] = ()) -> list[str]:
     """One figure (PDF, PNG and its data as CSV) from the raw files it needs."""
     if name == "heads":
         return figures.plot_heads(list(heads_files), os.path.join(out_dir, "figures"))
+    if name == "training":
+        return figures.plot_training(list(model_dirs), os.path.join(out_dir, "figures"))
     if name not in figures.FIGURES:
         raise ValueError(f"unknown figure {name!r}; known: {sorted(FIGURE_TASKS)}")
     table = read_raw(list(raw_files))
@@ -305,7 +308,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="kvbench aggregate", description=__doc__.split("\n\n")[0])
     p.add_argument("--raw", nargs="*", default=[], metavar="FILE", help="raw per-sample result Parquets")
     p.add_argument("--heads", nargs="*", default=[], metavar="FILE", help="head-profile Parquets (optional)")
-    p.add_argument("--figure", help="write only this figure (bleu, ppl, memory, latency, pareto, lagging, heads)")
+    p.add_argument("--models", nargs="*", default=[], metavar="DIR",
+                   help="model folders whose training_log.csv the training figure plots")
+    p.add_argument("--figure", help="write only this figure (bleu, ppl, memory, latency, pareto, lagging, heads, "
+                                    "training)")
     p.add_argument("--no-figures", action="store_true", help="tables and all.parquet only")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--config", help="config.yaml (its `studies` select the tables)")
@@ -313,7 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results", metavar="DIR", help="output directory (default: results)")
     args = p.parse_args(argv)
     if args.figure:
-        paths = figure(args.figure, args.raw, args.out, args.heads)
+        paths = figure(args.figure, args.raw, args.out, args.heads, args.models)
         print(f"aggregate: figure {args.figure} from {len(args.raw)} raw files -> {paths}")
         return 0
     if not (args.config or args.config_json):

@@ -37,6 +37,11 @@ rule figure:
             if wc.name == "heads"
             else []
         ),
+        models=lambda wc: (
+            expand("resources/models/{model}", model=TRAINED_MODELS)
+            if wc.name == "training"
+            else []
+        ),
     output:
         pdf=report(
             "results/figures/{name}.pdf",
@@ -56,4 +61,4 @@ rule figure:
         out=lambda wc, output: os.path.dirname(os.path.dirname(output.pdf)),
     shell:
         "python -m kvbench aggregate --figure {wildcards.name} --raw {input.raw} "
-        "--heads {input.heads} --out {params.out} > {log} 2>&1"
+        "--heads {input.heads} --models {input.models} --out {params.out} > {log} 2>&1"

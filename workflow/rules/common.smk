@@ -35,6 +35,14 @@ PROFILED_MODELS = sorted(
         if REGISTRY[config["methods"][j.method]["type"]].needs_profile
     }
 )
+# models trained here (their loss curves make the training figure)
+TRAINED_MODELS = sorted(
+    {
+        j.model
+        for j in JOBS
+        if config["models"][j.model]["source"].startswith("builtin:")
+    }
+)
 
 
 wildcard_constraints:
