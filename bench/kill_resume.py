@@ -46,11 +46,22 @@ def snakemake_cmd(workdir: str, config: str, *args: str) -> list[str]:
             "--directory", workdir, "--cores", "2", *args]
 
 
-def run_snakemake(workdir: str, config: str, *args: str, timeout: float = 1800) -> tuple[int, float, str]:
-    """Run Snakemake to its end; (returncode, seconds, last lines of its output)."""
+TIMEOUT = 3600.0  # seconds one Snakemake run may take (--timeout); a starved 2-core machine needs it
+
+
+def run_snakemake(workdir: str, config: str, *args: str, timeout: float | None = None) -> tuple[int, float, str]:
+    """Run Snakemake to its end; (returncode, seconds, last lines of its output). A run that outlives
+    `timeout` is killed with its jobs (process group) and reported as rc -9, not raised."""
+    timeout = TIMEOUT if timeout is None else timeout
     t0 = time.monotonic()
-    r = subprocess.run(snakemake_cmd(workdir, config, *args), capture_output=True, text=True, timeout=timeout)
-    return r.returncode, time.monotonic() - t0, (r.stdout + r.stderr)[-4000:]
+    proc = subprocess.Popen(snakemake_cmd(workdir, config, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(proc, workdir)
+        return -9, time.monotonic() - t0, f"timed out after {timeout:.0f} s (killed with its jobs)"
+    return proc.returncode, time.monotonic() - t0, out[-4000:]
 
 
 def _proc_cwd(pid: int) -> str | None:
@@ -263,7 +274,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=TRIAL_CONFIG)
     p.add_argument("--workdir", help="where the trial folders go (default: a new temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the trial folders")
+    p.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds one Snakemake run may take")
     a = p.parse_args(argv)
+    globals()["TIMEOUT"] = a.timeout
     base = a.workdir or tempfile.mkdtemp(prefix="kvbench-kill-resume-")
     os.makedirs(base, exist_ok=True)
     config = os.path.abspath(a.config)

@@ -70,7 +70,8 @@ def _check_writable(out: str) -> None:
     while not os.path.isdir(d) and os.path.dirname(d) != d:
         d = os.path.dirname(d)
     try:
-        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=d)
+        # named like the output's own temp files, so a probe orphaned by a SIGKILL is swept by its next write
+        fd, probe = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=d)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
