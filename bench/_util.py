@@ -50,16 +50,20 @@ def cached_model(source: str, cache_dir: str = os.path.join(CACHE, "models")) ->
 
 
 def builtin_random(cache_dir: str = os.path.join(CACHE, "models"), max_positions: int = 16384) -> str:
-    """The builtin architecture (hidden 128, 4 layers, 2 KV heads, head_dim 64) with random weights."""
-    out = os.path.join(cache_dir, f"builtin-random-{max_positions}")
+    """The builtin architecture (hidden 128, 4 layers, 2 KV heads, head_dim 64) with random weights.
+    The folder name carries a hash of the builtin vocabulary: a changed word list builds a new one."""
+    import hashlib
+
+    from kvbench import builtin
+
+    tok = builtin.build_tokenizer()
+    vocab = hashlib.sha1(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:8]
+    out = os.path.join(cache_dir, f"builtin-random-{max_positions}-{vocab}")
     if os.path.exists(os.path.join(out, "build_info.json")):
         return out
     import torch
     from transformers import LlamaForCausalLM
 
-    from kvbench import builtin
-
-    tok = builtin.build_tokenizer()
     torch.manual_seed(0)
     model = LlamaForCausalLM(builtin.build_config(len(tok), tok, max_positions))
     tmp = out + ".tmp"

@@ -10,8 +10,10 @@ bytes of DESIGN.md's budget semantics:
 
 Goal: `ratio` (live bytes / theory, after the last step) within [0.98, 1.05] for eviction methods
 and for full. Layouts with per-head budgets (`padded_per_head`) allocate every head of a layer to
-the largest head's count: that padding is its own column (`pad`), and `alloc` = ratio + pad is what
-the tensors occupy. `peak` is the in-chunk peak against (B + chunk) tokens (the README's bound);
+the largest head's count: that padding is its own column (`pad`). Dense buffers also hold spare
+slots (`spare`): one slot per (layer, head) kept for the next decode token by an evicting cache, or
+the growth slack (<= 1/32) of a cache that never evicted. `alloc` = ratio + pad + spare is what the
+tensors occupy, and for the dense layout every step's allocation (`max_step`) is held to 1.05 too. `peak` is the in-chunk peak against (B + chunk) tokens (the README's bound);
 `vs_full` divides by the full cache measured in the same run at the same length. Methods with
 `storage != "dense"` (quantized) are handled generically: their bytes are reported relative to the
 full cache in fp16 and fp32 at the same length (`vs_fp16_full`, `vs_fp32_full`), to the same retained
@@ -107,6 +109,10 @@ def measure(model, model_dir, tok, mtype: str, budget, length: int, a, profile) 
     alloc = s.memory.after_step_bytes[-1]  # from the tensors, after the last step (steady state)
     live = sum(st.live_bytes() for st in s.stores) if all(hasattr(st, "live_bytes") for st in s.stores) else None
     retained = sum(int(st.live().sum()) for st in s.stores)  # over layers and heads
+    # spare slots: capacity beyond the slots in use (the reserve for the next decode token, or the
+    # growth slack of a cache that never evicted); counted in `bytes` (allocated), shown apart here
+    slot = g["n_kv_heads"] * g["head_dim"] * 2 * elem
+    spare = sum((st.capacity - st.c) * slot for st in s.stores if hasattr(st, "capacity") and st.capacity)
     row.update(layout=s.layout(), bytes=alloc, live_bytes=live, bytes_peak=mem["cache_bytes_peak"],
                meta_bytes_peak=mem["metadata_bytes_peak"],
                retained_per_head=retained / (g["n_layers"] * g["n_kv_heads"]))
@@ -114,7 +120,7 @@ def measure(model, model_dir, tok, mtype: str, budget, length: int, a, profile) 
         held = min(n, budget) if budget else n
         theory = kv_bytes(held, g, elem)
         row.update(theory=theory, ratio=(live if live is not None else alloc) / theory, alloc=alloc / theory,
-                   pad=(alloc - live) / theory if live is not None else None,
+                   pad=(alloc - live - spare) / theory if live is not None else None, spare=spare / theory,
                    max_step=max(s.memory.after_step_bytes) / theory,
                    peak=mem["cache_bytes_peak"] / kv_bytes(min(n, (budget or n) + a.chunk_size), g, elem),
                    meta=mem["metadata_bytes_peak"] / max(mem["cache_bytes_peak"], 1))
@@ -176,10 +182,10 @@ def main(argv=None) -> int:
                     f"{k}={r[k]:.4f}" for k in ("ratio", "alloc", "vs_full") if r.get(k) is not None)
                     + f" ({r.get('seconds', 0):.1f}s) {r.get('goal', '')}", flush=True)
     print(f"\n# {time.perf_counter() - t_start:.0f}s; ratio = live bytes / theory (goal {GOAL[0]}-{GOAL[1]}), "
-          "pad = padding / theory, alloc = allocated / theory, max_step = worst after-step allocation / theory, "
+          "pad = padding / theory, spare = spare slots / theory, alloc = allocated / theory, max_step = worst after-step allocation / theory, "
           "peak = in-chunk peak / (B + chunk) theory, vs_full = bytes / full cache (same length, same run)")
     print_table(rows, ["method", "layout", "budget", "length", "n_tokens", "retained_per_head", "bytes", "theory",
-                       "ratio", "pad", "alloc", "max_step", "peak", "vs_full", "meta", "goal"], nd=3)
+                       "ratio", "pad", "spare", "alloc", "max_step", "peak", "vs_full", "meta", "goal"], nd=3)
     quant = [r for r in rows if r.get("storage") not in (None, "dense")]
     if quant:
         print("\n# non-dense storage: bytes relative to the full cache in fp16 / fp32 at the same length")
