@@ -233,8 +233,11 @@ def plot_pareto(cells: pd.DataFrame, out_dir: str) -> list[str]:
         for _, r in sub.iterrows():
             ax.annotate(r["budget"], (r["x"], r["bleu"]), xytext=(4, 3), textcoords="offset points",
                         fontsize="x-small")
+        if sub["x"].max() > 4 * sub["x"].min():  # budgets and the full cache span octaves: log axis
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.margins(0.12)  # room for the point labels
-        ax.set_xlabel(f"peak KV cache ({unit})")
+        ax.set_xlabel(f"peak KV cache ({unit}, log scale)" if ax.get_xscale() == "log" else f"peak KV cache ({unit})")
         ax.set_ylabel("corpus BLEU (sacreBLEU)")
     handles = _method_handles(d["method"], pal, ls="") + [
         Line2D([], [], color="lightgrey", lw=2, label="Pareto frontier"),
