@@ -19,8 +19,8 @@ every session alike, and each ratio is the median of per-round ratios (with its 
 Methods with `needs_profile` get a mixed head profile. On CUDA (`--device cuda`), every step is
 bracketed by torch.cuda.synchronize.
 
-    nice -n 19 python bench/decode.py                           # defaults: contexts 1k, 4k, B=512
-    python bench/decode.py --long                               # contexts 1k, 4k, 16k (GPU or patience)
+    nice -n 19 python bench/decode.py                           # defaults: contexts 1k, 2k, 4k, B=512 (< 10 min)
+    python bench/decode.py --long                               # contexts 1k, 2k, 4k, 16k (GPU or patience)
     python bench/decode.py --contexts 256 --budgets 128 --repeats 5 --profile none   # a quick check
     python bench/decode.py --device cuda --dtype bfloat16
 
@@ -60,11 +60,11 @@ def parse_args(argv=None):
                         "or an HF folder")
     p.add_argument("--methods", default="all", help="comma-separated registered evicting method types (default: all)")
     p.add_argument("--budgets", default="512", help="comma-separated budgets B (tokens per layer and KV head)")
-    p.add_argument("--contexts", default="1024,4096", help="comma-separated context lengths L (prefill tokens)")
-    p.add_argument("--long", action="store_true", help="contexts 1024,4096,16384 (overrides --contexts)")
+    p.add_argument("--contexts", default="1024,2048,4096", help="comma-separated context lengths L (prefill tokens)")
+    p.add_argument("--long", action="store_true", help="contexts 1024,2048,4096,16384 (overrides --contexts)")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk")
     p.add_argument("--warmup", type=int, default=3, help="decode steps discarded per session")
-    p.add_argument("--repeats", type=int, default=15, help="timed decode steps per session")
+    p.add_argument("--repeats", type=int, default=10, help="timed decode steps per session")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--dtype", default="auto",
                    help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | float16 | bfloat16")
@@ -157,7 +157,9 @@ ENGINE_FUNCS = [  # (file suffix, function) -> label; cumulative time per decode
     ("hf.py", "kvbench_attention", "    kvbench_attention"),
     ("store.py", "mask", "      store.mask"),
     ("hf.py", "update", "    StoreLayer.update"),
-    ("store.py", "append", "      store.append (torch.cat of the whole cache)"),
+    ("store.py", "append", "      store.append"),
+    ("qstore.py", "append", "      QuantKVStore.append (quantize, flush)"),
+    ("qstore.py", "keys_values", "      QuantKVStore.keys_values (dequantize)"),
     ("store.py", "observe", "    store.observe (scores)"),
     ("session.py", "_evict", "  Session._evict"),
     ("base.py", "select", "    select (base)"),
@@ -167,8 +169,10 @@ ENGINE_FUNCS = [  # (file suffix, function) -> label; cumulative time per decode
     ("base.py", "age_rank", "      LayerView.age_rank"),
     ("base.py", "top_by", "      top_by"),
     ("store.py", "compact", "    store.compact"),
+    ("qstore.py", "compact", "    QuantKVStore.compact"),
     ("session.py", "_reindex_positions", "    Session._reindex_positions"),
-    ("hf.py", "rope_rotate", "      rope_rotate"),
+    ("hf.py", "rope_tables", "      rope_tables (cos/sin)"),
+    ("hf.py", "rope_apply", "      rope_apply"),
     ("session.py", "_cache_positions", "  Session._cache_positions"),
     ("session.py", "observe", "  MemoryStats.observe"),
 ]
@@ -227,7 +231,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     device = torch.device(resolve_device(a.device))
     dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    contexts = sorted(set([1024, 4096, 16384] if a.long else ints(a.contexts)))
+    contexts = sorted(set([1024, 2048, 4096, 16384] if a.long else ints(a.contexts)))
     budgets = sorted(set(ints(a.budgets)))
     types = sorted(t for t in REGISTRY if REGISTRY[t].evicts) if a.methods == "all" else a.methods.split(",")
     bad = [t for t in types if t not in REGISTRY or not REGISTRY[t].evicts]
@@ -272,7 +276,9 @@ def main(argv=None) -> int:
     for t in sessions:
         med = statistics.median(t.times)
         row = dict(session=t.label, method=t.method, budget=t.budget or "full", context=t.context,
-                   cache_mib=t.sess.memory.after_step_bytes[-1] / 2**20, prefill_s=t.prefill_s, median_ms=med,
+                   cache_mib=t.sess.memory.after_step_bytes[-1] / 2**20,
+                   held=sum(sum(s.n_live) for s in t.sess.stores) / sum(len(s.n_live) for s in t.sess.stores),
+                   prefill_s=t.prefill_s, median_ms=med,
                    p10_ms=pct(t.times, 0.1), p90_ms=pct(t.times, 0.9),
                    spread=(pct(t.times, 0.9) - pct(t.times, 0.1)) / med,
                    n=len(t.times))
@@ -289,7 +295,7 @@ def main(argv=None) -> int:
         if "overhead" in r:
             r["overhead [p10,p90]"] = f"{r['overhead']:.3f} [{r['overhead_p10']:.2f},{r['overhead_p90']:.2f}]"
             r["saving [p10,p90]"] = f"{r['saving']:.3f} [{r['saving_p10']:.2f},{r['saving_p90']:.2f}]"
-    print_table(rows, ["session", "cache_mib", "prefill_s", "median_ms", "p10_ms", "p90_ms", "spread",
+    print_table(rows, ["session", "cache_mib", "held", "prefill_s", "median_ms", "p10_ms", "p90_ms", "spread",
                        "overhead [p10,p90]", "saving [p10,p90]", "goal"], nd=2)
     for r in rows:
         r.pop("overhead [p10,p90]", None), r.pop("saving [p10,p90]", None)
