@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kvbench import figures
+from kvbench.figspec import FIGURE_TASKS  # which tasks each figure reads (its rule asks for exactly those)
 from kvbench.io import atomic_path, atomic_write_text
 from kvbench.metrics import corpus_scores, paired_bootstrap, perplexity
 from kvbench.schema import ARROW_SCHEMA, COLUMNS, SchemaError, check_version
@@ -256,12 +257,6 @@ def _write_csv(df: pd.DataFrame, path: str) -> str:
     with atomic_path(path, suffix=".csv") as tmp:
         df.to_csv(tmp, index=False)
     return path
-
-
-# which tasks each figure reads (its Snakemake rule asks for exactly those raw files)
-FIGURE_TASKS = {"bleu": ("translate_stream", "translate_batch"), "ppl": ("ppl",), "latency": ("latency",),
-                "pareto": ("translate_stream",), "lagging": ("translate_stream",),
-                "memory": ("translate_stream", "translate_batch", "ppl", "latency"), "heads": (), "training": ()}
 
 
 def figure(name: str, raw_files: list[str], out_dir: str, heads_files: list[str] = (),

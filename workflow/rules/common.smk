@@ -13,7 +13,7 @@ from kvbench.config import (
     job_table,
     validate_config,
 )  # noqa: E402
-from kvbench.aggregate import FIGURE_TASKS  # noqa: E402
+from kvbench.figspec import FIGURE_TASKS  # noqa: E402
 from kvbench.methods import REGISTRY  # noqa: E402
 
 # Snakemake's YAML loading keeps the last of two equal keys silently: re-read the files strictly first
