@@ -123,7 +123,7 @@ def _load_checkpoint(path: str, recipe: Recipe, log) -> dict | None:
     if not os.path.exists(path):
         return None
     try:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)  # tensors and plain Python values only: no pickle code
     except Exception as e:  # noqa: BLE001 - a damaged checkpoint is discarded, never trusted
         print(f"ignoring unreadable training checkpoint {path}: {type(e).__name__}: {e}", file=log)
         return None
