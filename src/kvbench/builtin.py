@@ -226,3 +226,8 @@ def train(name: str, out: str, seed: int = 0, steps: int | None = None, log=None
     if os.path.exists(ckpt):
         os.remove(ckpt)
     return info
+
+
+def build(name: str, out: str, seed: int = 0, steps: int | None = None, retrain: bool = False, log=None) -> dict:
+    """The builtin model `name` in `out`: the shipped weights where they exist (unless `retrain`), else trained."""
+    return train(name, out, seed=seed, steps=steps, log=log)

@@ -151,13 +151,14 @@ def _random_model(arch: str, tmp: str, seed: int) -> None:
     build_tokenizer().save_pretrained(tmp)
 
 
-def build_model(source: str, out: str, seed: int = 0, steps: int | None = None, log=None) -> dict:
+def build_model(source: str, out: str, seed: int = 0, steps: int | None = None, log=None,
+                retrain: bool = False) -> dict:
     scheme, name, rev = parse_source(source)
     info = {"source": source, "scheme": scheme, "quality_meaningful": scheme != "random"}
     if scheme == "builtin":
-        from .builtin import train
+        from .builtin import build
 
-        info["build"] = train(name, out, seed=seed, steps=steps, log=log)
+        info["build"] = build(name, out, seed=seed, steps=steps, retrain=retrain, log=log)
     elif scheme == "path":
         with atomic_dir(out) as tmp:
             shutil.copytree(name, tmp, dirs_exist_ok=True)
