@@ -14,9 +14,12 @@ Those go to the store's `hi` tier, K and V packed per token at `key_bits_sink_ou
 everything else is packed at `key_bits_normal` / `value_bits_normal`. Tensors per layer: keys and
 values (H, n, D) in, (H, C, D) dequantized out; the EMA state is (H,).
 
-Chunked prefill is the session's (`chunk_size`); the token budget is converted to tokens per head as
-in `haq_kv.QuantMethod` (the `hi` tier is priced at sinks + max_outliers high-precision tokens), and
-the inner eviction rule defaults to StreamingLLM (sinks + recent window, original positions).
+Defaults are the seed's: threshold 3.0 (recommended 2.5-3.5), EMA decay 0.9 (recommended
+0.9-0.99), 4 sink tokens, 4 bits for ordinary tokens and 8 for sinks and outliers. The seed's chunk
+size (512) is not a field here: chunked prefill is the session's (top-level `chunk_size`). The token
+budget is converted to tokens per head as in `haq_kv.QuantMethod` (the `hi` tier is priced at
+sinks plus max_outliers high-precision tokens), and the inner eviction rule defaults to StreamingLLM
+(sinks and a recent window, original positions).
 """
 
 from __future__ import annotations
@@ -65,9 +68,9 @@ class StreamQuant(QuantMethod):
     type_name = "stream_quant"
     paper = "SKVQ-style sinks + outliers at high precision (arXiv:2405.06219, 2401.18079); KIVI storage (2402.02750)"
     evict: str = "streaming_llm"
-    ema_decay: float = 0.99
+    ema_decay: float = 0.9  # seed value; recommended 0.9-0.99
     attention_sink_size: int = 4
-    outlier_threshold_relative: float = 2.0
+    outlier_threshold_relative: float = 3.0  # seed value; recommended 2.5-3.5
     detect_outliers: bool = True
     max_outliers: int = 8
     key_bits_sink_outlier: int = 8
