@@ -228,6 +228,90 @@ def train(name: str, out: str, seed: int = 0, steps: int | None = None, log=None
     return info
 
 
+SHIPPED = os.path.join(os.path.dirname(__file__), "weights")  # weights/<name>/: trained weights in the package
+CHECKSUMS = "SHA256SUMS"
+
+
+def shipped_dir(name: str) -> str | None:
+    """The package folder holding `name`'s shipped weights, or None if none are shipped."""
+    d = os.path.join(SHIPPED, name)
+    return d if os.path.exists(os.path.join(d, CHECKSUMS)) else None
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_shipped(d: str) -> dict[str, str]:
+    """Check every file of a shipped folder against its SHA256SUMS; ValueError naming the first mismatch."""
+    sums = {}
+    for line in open(os.path.join(d, CHECKSUMS)):
+        digest, fname = line.split(None, 1)
+        sums[fname.strip()] = digest
+    for fname, digest in sums.items():
+        p = os.path.join(d, fname)
+        if not os.path.exists(p):
+            raise ValueError(f"shipped builtin model {d}: {fname} is missing; reinstall kvbench or build with --train")
+        if _sha256(p) != digest:
+            raise ValueError(f"shipped builtin model {d}: {fname} does not match its sha256 in {CHECKSUMS} "
+                             f"(corrupt or edited); reinstall kvbench or build with --train")
+    return sums
+
+
+def ship(model_dir: str, name: str, commit: str, dest_root: str = SHIPPED) -> str:
+    """Copy a trained model folder into the package as `name`'s shipped weights, with SHA256SUMS.
+
+    `commit` is the git commit whose training code produced the folder; it goes into build_info.json.
+    """
+    import shutil
+
+    info = json.load(open(os.path.join(model_dir, "build_info.json")))
+    if not info.get("complete") or info.get("builtin") != name:
+        raise ValueError(f"{model_dir} is not a complete training run of builtin:{name}")
+    dest = os.path.join(dest_root, name)
+    with atomic_dir(dest) as tmp:
+        files = sorted(f for f in os.listdir(model_dir) if os.path.isfile(os.path.join(model_dir, f))
+                       and f not in ("kvbench_source.json", "build_info.json"))
+        for f in files:
+            shutil.copy2(os.path.join(model_dir, f), os.path.join(tmp, f))
+        with open(os.path.join(tmp, "build_info.json"), "w") as fh:
+            json.dump({**info, "trained_at_commit": commit}, fh, indent=2)
+        files.append("build_info.json")
+        with open(os.path.join(tmp, CHECKSUMS), "w") as fh:
+            fh.writelines(f"{_sha256(os.path.join(tmp, f))}  {f}\n" for f in files)
+    return dest
+
+
 def build(name: str, out: str, seed: int = 0, steps: int | None = None, retrain: bool = False, log=None) -> dict:
-    """The builtin model `name` in `out`: the shipped weights where they exist (unless `retrain`), else trained."""
-    return train(name, out, seed=seed, steps=steps, log=log)
+    """The builtin model `name` in `out`.
+
+    The trained weights shipped in the package (checked by sha256) are copied, which takes seconds;
+    `retrain=True`, a `steps` override or a builtin with no shipped weights trains from scratch
+    (checkpointed and resumable, see `train`). The shipped folder's build_info.json records the
+    commit, seed and recipe it was trained with, and its training_log.csv the loss curve.
+    """
+    import shutil
+
+    log = log if log is not None else sys.stderr
+    src = None if (retrain or steps is not None) else shipped_dir(name)
+    if src is None:
+        if name in RECIPES and not retrain and steps is None:
+            print(f"builtin:{name} has no shipped weights; training it (this takes a while)", file=log)
+        return train(name, out, seed=seed, steps=steps, log=log)
+    verify_shipped(src)
+    info = json.load(open(os.path.join(src, "build_info.json")))
+    if seed != info.get("recipe", {}).get("seed", seed):
+        print(f"builtin:{name}: using the shipped weights (trained with seed {info['recipe']['seed']}); "
+              f"--seed {seed} applies to data only; build with --train to train with seed {seed}", file=log)
+    with atomic_dir(out) as tmp:
+        for f in os.listdir(src):
+            if f != CHECKSUMS:
+                shutil.copy2(os.path.join(src, f), os.path.join(tmp, f))
+    print(f"builtin:{name}: copied the shipped weights (sha256 checked) from {src}", file=log)
+    return {**info, "shipped": True}

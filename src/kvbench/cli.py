@@ -43,7 +43,7 @@ def _json_object(option: str, text: str) -> dict:
 def cmd_build_model(a) -> None:
     from .models import build_model
 
-    info = build_model(a.source, a.out, seed=a.seed, steps=a.steps, log=sys.stderr)
+    info = build_model(a.source, a.out, seed=a.seed, steps=a.steps, log=sys.stderr, retrain=a.train)
     print(json.dumps(info, indent=2, default=str))
 
 
@@ -116,6 +116,9 @@ def main(argv=None) -> None:
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=None, help="override the builtin recipe's training steps")
+    s.add_argument("--train", action="store_true",
+                   help="builtin only: train from scratch (checkpointed, resumable) instead of copying the "
+                        "weights shipped in the package")
     s.set_defaults(fn=cmd_build_model)
 
     s = sub.add_parser("make-data", help="build the documents of one dataset at one length")

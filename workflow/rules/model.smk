@@ -21,11 +21,12 @@ rule build_model:
             else ""
         ),
         seed=config["seed"],
+        train=lambda wc: "--train" if config["models"][wc.model].get("train") else "",
     shell:
         "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=100000000000 "
         "MALLOC_TOP_PAD_=1073741824 OMP_NUM_THREADS={threads} "
         "python -m kvbench build-model {params.source} --out {output} --seed {params.seed} "
-        "{params.steps} > {log} 2>&1"
+        "{params.steps} {params.train} > {log} 2>&1"
 
 
 rule make_data:
