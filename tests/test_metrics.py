@@ -7,9 +7,12 @@ import pytest
 from kvbench.metrics import (
     average_lagging,
     corpus_scores,
+    lagging_mean,
+    lagging_scores,
     length_adaptive_average_lagging,
     paired_bootstrap,
     perplexity,
+    reference_words,
 )
 
 AL, LAAL = average_lagging, length_adaptive_average_lagging
@@ -61,10 +64,57 @@ def test_tau_stops_sum():
     assert AL([2, 3, 4, 4, 4, 4], 4, ref_len=4) == pytest.approx(AL([2, 3, 4], 4, ref_len=4))
 
 
-def test_empty_hypothesis_lags_whole_source():
-    assert AL([], 5, ref_len=3) == 5.0
-    assert AL([], 5) == 5.0
-    assert LAAL([], 5, ref_len=3) == 5.0
+# ------------------------------------------------------------------ edges, as SimulEval 1.1.4
+def test_first_delay_beyond_source_is_the_score():
+    # SimulEval: `if delays[0] > source_length: return delays[0]`, whatever gamma is.
+    assert AL([7, 8, 9], 5, ref_len=3) == 7.0
+    assert LAAL([7, 8, 9], 5, ref_len=3) == 7.0
+    assert AL([6], 5) == 6.0
+    # equal to |src| is not "beyond": the ordinary formula, tau = 1 -> d_1 = 5
+    assert AL([5, 5], 5, ref_len=2) == pytest.approx(5.0)
+
+
+def test_later_delay_beyond_source_ends_the_sum():
+    # delays [1, 6, 7], |src| = 5, |ref| = 3: tau = 2 (6 >= 5), 1/gamma = 5/3:
+    # (1 - 0) + (6 - 5/3) = 16/3 -> / 2 = 8/3. LAAL: max(3, 3) -> the same.
+    assert AL([1, 6, 7], 5, ref_len=3) == pytest.approx(8 / 3)
+    assert LAAL([1, 6, 7], 5, ref_len=3) == pytest.approx(8 / 3)
+
+
+def test_empty_hypothesis_is_skipped():
+    # SimulEval skips a sample without delays; here AL/LAAL are NaN and the row says so.
+    assert math.isnan(AL([], 5, ref_len=3)) and math.isnan(AL([], 5))
+    assert math.isnan(LAAL([], 5, ref_len=3))
+    row = lagging_scores([], 5, "a b c")
+    assert row["lagging_skipped"] is True and math.isnan(row["al"]) and math.isnan(row["laal"])
+    assert row["ref_words"] == 3
+    ok = lagging_scores([2, 3, 4, 4], 4, "a b c d")
+    assert ok == {"al": pytest.approx(2.0), "laal": pytest.approx(2.0), "ref_words": 4, "lagging_skipped": False}
+
+
+def test_cell_mean_leaves_skipped_samples_out():
+    # SimulEval's corpus AL is the mean over the samples it did not skip.
+    assert lagging_mean([1.0, math.nan, 3.0, None]) == (2.0, 2)
+    assert lagging_mean([2.0, 4.0]) == (3.0, 0)
+    mean, skipped = lagging_mean([math.nan, math.nan])
+    assert math.isnan(mean) and skipped == 2
+
+
+def test_reference_words_split_on_single_spaces():
+    # SimulEval's reference_length is len(reference.split(" ")): doubled spaces add empty words,
+    # tabs and newlines do not separate words.
+    assert reference_words("a b c") == 3
+    assert reference_words("a  b") == 3
+    assert reference_words(" a b ") == 4
+    assert reference_words("a\tb c\nd") == 2
+    assert reference_words(None) is None and reference_words("") is None  # no reference: |hyp|
+    # and it is the |ref| the row's AL uses: delays [2, 3, 4], |src| = 4, "a  b c" -> |ref| = 4:
+    # gamma = 1: (2 + 2 + 2) / 3 = 2; split() would give |ref| = 3 and 1/gamma = 4/3: 5/3.
+    row = lagging_scores([2, 3, 4], 4, "a  b c")
+    assert row["ref_words"] == 4 and row["al"] == pytest.approx(2.0)
+    assert AL([2, 3, 4], 4, ref_len=3) == pytest.approx(5 / 3)
+    # no reference: |hyp| (SimulEval with reference None)
+    assert lagging_scores([2, 3, 4], 4, "")["al"] == pytest.approx(AL([2, 3, 4], 4))
 
 
 @pytest.mark.parametrize(
@@ -72,9 +122,9 @@ def test_empty_hypothesis_lags_whole_source():
     [
         lambda: AL([1, 2], 0, ref_len=2),  # src_len < 1
         lambda: AL([2, 1], 3, ref_len=2),  # decreasing
-        lambda: AL([1, 4], 3, ref_len=2),  # beyond source
         lambda: AL([-1, 1], 3, ref_len=2),  # negative
         lambda: AL([1, float("nan")], 3, ref_len=2),
+        lambda: AL([1, float("inf")], 3, ref_len=2),
         lambda: AL([1, 2], 3, ref_len=0),
         lambda: AL([1, 2], 3, ref_len=2, hyp_len=5),  # inconsistent hyp_len
         lambda: LAAL([3, 2], 3, ref_len=2),
@@ -82,6 +132,7 @@ def test_empty_hypothesis_lags_whole_source():
     ],
 )
 def test_invalid_inputs(call):
+    # deliberate differences from SimulEval: inputs no agent can produce are errors, not scores
     with pytest.raises(ValueError):
         call()
 

@@ -6,7 +6,8 @@ when target word ``i`` (0-based position, i.e. the (i+1)-th word) was written.
 
 References
 ----------
-* SimulEval (Ma et al., 2020), ``simuleval/evaluator/scorers/latency_scorer.py``.
+* SimulEval 1.1.4 (Ma et al., 2020), ``simuleval/evaluator/scorers/latency_scorer.py``
+  (edge cases: see the comment above ``_validate_delays``).
 * Average Lagging (AL): Ma et al. 2019, "STACL: Simultaneous Translation with
   Implicit Anticipation and Controllable Latency using Prefix-to-Prefix
   Framework", ACL 2019.
@@ -28,6 +29,9 @@ from sacrebleu.metrics import BLEU, CHRF
 __all__ = [
     "average_lagging",
     "length_adaptive_average_lagging",
+    "lagging_scores",
+    "lagging_mean",
+    "reference_words",
     "corpus_scores",
     "paired_bootstrap",
     "perplexity",
@@ -35,13 +39,23 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- latency
+# Edge cases follow SimulEval 1.1.4 (text-to-text, latency unit "word"):
+# - a first delay larger than |src| makes the score that delay (SimulEval returns delays[0]); later
+#   delays beyond |src| are summed up to tau like any other (tau stops at the first d >= |src|);
+# - an empty hypothesis has no delays: SimulEval skips the sample, so AL/LAAL are NaN here and the
+#   sample is counted as skipped (`lagging_skipped`); cell means leave NaN out, as SimulEval does;
+# - |ref| is `len(reference.split(" "))` (single spaces, as SimulEval's `reference_length`).
+# Deliberate differences: kvbench raises on delays that are negative, non-finite or decreasing and
+# on src_len < 1 (SimulEval computes something or divides by zero), and an empty reference "" means
+# "no reference" (kvbench stores perplexity documents with target ""): |hyp| is used, as SimulEval
+# does for a missing reference.
 def _validate_delays(delays: Sequence[float], src_len: int) -> list[float]:
     if isinstance(src_len, bool) or not isinstance(src_len, (int, np.integer)) or src_len < 1:
         raise ValueError(f"src_len must be an integer >= 1, got {src_len!r}")
     out = [float(d) for d in delays]
     for i, d in enumerate(out):
-        if not math.isfinite(d) or d < 0 or d > src_len:
-            raise ValueError(f"delays[{i}]={d} is outside [0, src_len={src_len}]")
+        if not math.isfinite(d) or d < 0:
+            raise ValueError(f"delays[{i}]={d} must be a finite number >= 0")
         if i and d < out[i - 1]:
             raise ValueError(f"delays must be non-decreasing: delays[{i}]={d} < delays[{i - 1}]={out[i - 1]}")
     return out
@@ -53,7 +67,12 @@ def _check_len(name: str, value: int | None) -> None:
 
 
 def _lagging(delays: list[float], src_len: int, tgt_len: float) -> float:
-    """(1/tau) * sum_{i=1..tau} (d_i - (i-1)/gamma), with gamma = tgt_len/src_len."""
+    """(1/tau) * sum_{i=1..tau} (d_i - (i-1)/gamma), with gamma = tgt_len/src_len; NaN if no delays;
+    d_1 when d_1 > src_len (SimulEval's early return)."""
+    if not delays:
+        return math.nan
+    if delays[0] > src_len:
+        return delays[0]
     inv_gamma = src_len / tgt_len
     total, tau = 0.0, 0
     for i, d in enumerate(delays):  # i = (1-based index) - 1
@@ -64,45 +83,70 @@ def _lagging(delays: list[float], src_len: int, tgt_len: float) -> float:
     return total / tau
 
 
+def reference_words(reference: str | None) -> int | None:
+    """|ref| in words as SimulEval counts it: ``len(reference.split(" "))`` (so "a  b" is 3 words).
+    None or "" (kvbench's "no reference") -> None: the lagging metrics then use |hyp|."""
+    if reference is None or reference == "":
+        return None
+    return len(reference.split(" "))
+
+
 def average_lagging(delays: list[float], src_len: int, ref_len: int | None = None,
                     hyp_len: int | None = None) -> float:
-    """Average Lagging (Ma et al. 2019), as computed by SimulEval.
+    """Average Lagging (Ma et al. 2019), as computed by SimulEval 1.1.4.
 
     gamma = |ref| / |src| (|hyp| when ``ref_len`` is None, as in SimulEval);
     tau = 1-based index of the first target word with delay >= src_len, or
     ``len(delays)`` if no such word; AL = mean_{i<=tau} (d_i - (i-1)/gamma).
+    If the first delay exceeds src_len, AL is that delay (SimulEval's rule).
 
     ``hyp_len`` defaults to ``len(delays)``; if given it must equal it.
-    Empty hypothesis (``delays == []``): SimulEval skips such instances; here
-    we return ``float(src_len)`` -- the system consumed the whole source and
-    produced nothing, so it lags by the whole source -- never NaN.
+    Empty hypothesis (``delays == []``): NaN -- SimulEval skips such samples;
+    see :func:`lagging_scores` for the row fields that count them.
     Raises ValueError on src_len < 1, ref_len/hyp_len < 1, or delays that are
-    decreasing, non-finite or outside [0, src_len].
+    decreasing, negative or non-finite.
     """
     d = _validate_delays(delays, src_len)
     _check_len("ref_len", ref_len)
     _check_len("hyp_len", hyp_len)
     if hyp_len is not None and hyp_len != len(d):
         raise ValueError(f"hyp_len={hyp_len} != len(delays)={len(d)}")
-    if not d:
-        return float(src_len)
     return _lagging(d, src_len, ref_len if ref_len is not None else len(d))
 
 
 def length_adaptive_average_lagging(delays: list[float], src_len: int,
                                     ref_len: int | None = None) -> float:
-    """Length-Adaptive Average Lagging (Papi et al. 2022), as in SimulEval.
+    """Length-Adaptive Average Lagging (Papi et al. 2022), as in SimulEval 1.1.4.
 
     Identical to :func:`average_lagging` except gamma = max(|hyp|, |ref|) / |src|
     (|hyp| = ``len(delays)``; |ref| falls back to |hyp| if ``ref_len`` is None),
     so over-long hypotheses are not rewarded with a lower (even negative) lag.
-    Empty hypothesis -> ``float(src_len)``; same validation as AL.
+    Empty hypothesis -> NaN (skipped); same edge rules and validation as AL.
     """
     d = _validate_delays(delays, src_len)
     _check_len("ref_len", ref_len)
-    if not d:
-        return float(src_len)
     return _lagging(d, src_len, max(len(d), ref_len if ref_len is not None else len(d)))
+
+
+def lagging_scores(delays: list[float], src_len: int, reference: str | None) -> dict:
+    """The lagging fields of one result row.
+
+    Returns {"al", "laal", "ref_words", "lagging_skipped"}: AL and LAAL in words
+    (NaN when skipped), |ref| as SimulEval counts it (0 without a reference),
+    and whether SimulEval would skip the sample (empty hypothesis: no delays).
+    """
+    n_ref = reference_words(reference)
+    return dict(al=average_lagging(delays, src_len, ref_len=n_ref),
+                laal=length_adaptive_average_lagging(delays, src_len, ref_len=n_ref),
+                ref_words=n_ref or 0, lagging_skipped=len(delays) == 0)
+
+
+def lagging_mean(values: Sequence[float]) -> tuple[float, int]:
+    """Cell mean of per-sample AL (or LAAL) as SimulEval averages it: skipped samples (NaN or None)
+    are left out. Returns (mean, number skipped); the mean is NaN when every sample was skipped."""
+    vals = [math.nan if v is None else float(v) for v in values]
+    kept = [v for v in vals if not math.isnan(v)]
+    return (math.fsum(kept) / len(kept) if kept else math.nan), len(vals) - len(kept)
 
 
 # --------------------------------------------------------------------------- quality
