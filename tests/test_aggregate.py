@@ -23,7 +23,7 @@ from kvbench import figures, schema
 
 WORDS = ("the cat sat on mat while a dog ran across green field under bright sky and birds sang "
          "loudly near old river bank where children played with small boats").split()
-N_SAMPLES, LENGTHS = 4, (512, 1024)
+N_SAMPLES, LENGTHS = 8, (512, 1024)  # >= stats.MIN_TEST_SAMPLES: the paired tests run
 LAYERS, KV_HEADS, HEAD_DIM = 4, 2, 16
 CONFIG = {
     "aggregate": {"n_resamples": 200, "seed": 0},
@@ -130,14 +130,18 @@ def test_cells(run):
     assert ts["bleu_signature"].str.startswith("nrefs:1").all()
     sink = ts.loc[("sink4", 1024, "64")]
     assert sink["bleu_delta"] < 0 and 0 <= sink["bleu_p_value"] <= 1 and sink["n_paired"] == N_SAMPLES
+    assert 0 <= sink["bleu_p_ar"] <= 1 and sink["significance"] in ("significant", "not significant")
     assert sink["bleu_ci_low"] <= sink["bleu"] <= sink["bleu_ci_high"]
+    full = ts.loc[("full", 1024, "full")]  # every score has its CI, the baseline's too
+    assert full["bleu_ci_low"] <= full["bleu"] <= full["bleu_ci_high"] and full["chrf_ci_low"] < full["chrf_ci_high"]
     assert pd.isna(ts.loc[("full", 1024, "full"), "bleu_delta"])
     ppl = cells[(cells["task"] == "ppl") & (cells["method"] == "full") & (cells["length"] == 512)].iloc[0]
     rows = _rows("ppl", "full", 512, "full")
     expect = math.exp(sum(r["nll_sum"] for r in rows) / sum(r["n_scored_tokens"] for r in rows))
     assert ppl["perplexity"] == pytest.approx(expect)
+    assert ppl["perplexity_ci_low"] <= ppl["perplexity"] <= ppl["perplexity_ci_high"]
     lat = cells[(cells["task"] == "latency") & (cells["method"] == "full") & (cells["length"] == 512)].iloc[0]
-    assert lat["decode_ms_median"] == pytest.approx(pd.Series([5.0, 5.1, 5.2, 5.3]).median())
+    assert lat["decode_ms_median"] == pytest.approx(pd.Series([5.0 + 0.1 * i for i in range(N_SAMPLES)]).median())
     assert lat["quality_meaningful"] and lat["n_samples"] == N_SAMPLES
 
 
@@ -160,7 +164,7 @@ def _tex_rows(path) -> list[list[str]]:
 def test_tex_bold_best_bleu(run):
     tex = (run["out"] / "tables" / "long.tex").read_text()
     assert all(k in tex for k in (r"\toprule", r"\midrule", r"\bottomrule"))
-    assert "PPL" not in tex and "BLEU" in tex and "$p$" in tex
+    assert "PPL" not in tex and "BLEU" in tex and "$p_{bs}$" in tex and "$p_{ar}$" in tex
     rows = _tex_rows(run["out"] / "tables" / "long.tex")
     header = [h.strip() for h in tex.split(r"\toprule")[1].split(r"\\")[0].split("&")]
     col = header.index("BLEU")
@@ -221,17 +225,63 @@ def test_duplicate_samples_refused(run, tmp_path):
         agg.read_raw([run["raw"][0], run["raw"][0]])
 
 
-def test_cli_without_raw_files_writes_every_output(tmp_path):
-    """`main` (the `python -m kvbench aggregate` hook); with no results every output still exists."""
+def test_no_raw_files_is_an_error_and_touches_nothing(run, tmp_path):
+    """An aggregation with no inputs must not replace existing tables with empty ones."""
+    import hashlib
+
     import yaml
 
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump({"studies": {"long": CONFIG["studies"]["long"]}}))
-    assert agg.main(["--config", str(cfg), "--out", str(tmp_path / "res")]) == 0
-    res = tmp_path / "res"
-    assert pq.read_table(res / "all.parquet").num_rows == 0
-    assert "no data for this study" in (res / "tables" / "long.tex").read_text()
-    for name in ("bleu", "ppl", "memory", "latency", "pareto", "lagging", "heads"):
-        assert all((res / "figures" / f"{name}.{ext}").exists() for ext in ("pdf", "png", "csv"))
+
+    def digests():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run["out"].rglob("*") if p.is_file()}
+
+    before = digests()
+    with pytest.raises(ValueError, match="no raw result files"):
+        agg.main(["--config", str(cfg), "--out", str(run["out"])])
+    with pytest.raises(ValueError, match="no raw result files"):
+        agg.main(["--figure", "bleu", "--out", str(run["out"])])
+    assert digests() == before
+    res = tmp_path / "res"  # the figures that read no raw results still work without them
     assert agg.main(["--figure", "training", "--models", str(tmp_path / "no-model"), "--out", str(res)]) == 0
     assert (res / "figures" / "training.pdf").exists() and pd.read_csv(res / "figures" / "training.csv").empty
+
+
+def test_study_without_its_cells_says_so(run, tmp_path):
+    spec = dict(CONFIG["studies"]["long"], lengths=[4096])
+    agg.aggregate(run["raw"][:2], {"studies": {"gone": spec}, "aggregate": {"n_resamples": 0}}, str(tmp_path))
+    assert "no data for this study" in (tmp_path / "tables" / "gone.tex").read_text()
+
+
+def test_paired_tests_are_sacrebleus():
+    """The p-values are sacreBLEU's own PairedTest (bootstrap and approximate randomization)."""
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    from kvbench import stats
+
+    rng = random.Random(3)
+    refs = [_sentence(rng, 12) for _ in range(10)]
+    base = [_hypothesis(r, rng, 0.05) for r in refs]
+    hyps = [_hypothesis(r, rng, 0.4) for r in refs]
+    got = stats.paired_tests(base, hyps, refs, n_resamples=300, seed=7)
+    os.environ["SACREBLEU_SEED"] = "7"
+    try:
+        for test, key, n in (("bs", "bleu_p_value", 300), ("ar", "bleu_p_ar", 1000)):
+            _, scores = PairedTest([("b", base), ("s", hyps)], {"BLEU": BLEU()}, [refs], test_type=test,
+                                   n_samples=n)()
+            assert got[key] == pytest.approx(scores["BLEU"][1].p_value)
+    finally:
+        del os.environ["SACREBLEU_SEED"]
+    assert got["significance"] == "significant" and got["bleu_delta"] < 0
+    few = stats.paired_tests(base[:5], hyps[:5], refs[:5])  # 2^(1-5) > 0.05: no test can reject
+    assert few["significance"] == "n < 6" and "bleu_p_value" not in few
+
+
+def test_too_few_samples_are_marked_in_the_table():
+    cells = pd.DataFrame([dict(task="translate_stream", model="m", dataset="d", length=512, budget="64", method="h2o",
+                               bleu=50.0, bleu_delta=-3.0, bleu_p_value=float("nan"), significance="n < 6",
+                               cache_bytes_peak=100.0, budget_bytes=90.0)])
+    tex = agg.study_tex(cells, "s")
+    assert "n$<$6" in tex and r"100.00$^\dagger$" in tex and r"\textbf{100" not in tex

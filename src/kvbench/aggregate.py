@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 from kvbench import figures
 from kvbench.figspec import FIGURE_TASKS  # which tasks each figure reads (its rule asks for exactly those)
 from kvbench.io import atomic_path, atomic_write_text
-from kvbench.metrics import corpus_scores, paired_bootstrap, perplexity
+from kvbench.metrics import corpus_scores, perplexity
+from kvbench.stats import MIN_TEST_SAMPLES, paired_tests, perplexity_ci, translation_ci
 from kvbench.schema import ARROW_SCHEMA, COLUMNS, SchemaError, check_version
 
 KEYS = ["model", "task", "dataset", "method", "length", "budget"]
@@ -40,9 +41,9 @@ TASK_ORDER = {"translate_stream": 0, "translate_batch": 1, "ppl": 2, "latency": 
 QUALITY = ("bleu", "chrf", "perplexity")  # blanked in .tex when quality_meaningful is False
 # (cell column, .tex header, "max"/"min" = which value is best and bold, None = never bold)
 TEX_METRICS = [
-    ("bleu", "BLEU", "max"), ("chrf", "chrF", "max"),
-    ("bleu_delta", r"$\Delta$BLEU", None), ("bleu_ci", r"95\% CI", None), ("bleu_p_value", "$p$", None),
-    ("al", "AL", "min"), ("laal", "LAAL", "min"), ("perplexity", "PPL", "min"),
+    ("bleu", "BLEU", "max"), ("bleu_ci", r"95\% CI", None), ("chrf", "chrF", "max"),
+    ("bleu_delta", r"$\Delta$BLEU", None), ("bleu_p_value", "$p_{bs}$", None), ("bleu_p_ar", "$p_{ar}$", None),
+    ("al", "AL", "min"), ("laal", "LAAL", "min"), ("perplexity", "PPL", "min"), ("ppl_ci", r"95\% CI", None),
     ("decode_ms_median", "ms/tok (med.)", "min"), ("decode_ms_p90", "ms/tok (p90)", "min"),
     ("cache_bytes_peak", "cache peak", "min"),
 ]
@@ -120,23 +121,32 @@ def _cell(g: pd.DataFrame) -> dict:
     return row
 
 
-def _bootstrap(g: pd.DataFrame, full: pd.DataFrame, n_resamples: int, seed: int) -> dict:
-    """Method vs `full` on shared sample ids. p is two-sided: twice the smaller one-sided p."""
+def _cell_ci(g: pd.DataFrame, n_resamples: int, seed: int) -> dict:
+    """Bootstrap 95% CIs of the cell's scores (sacreBLEU's for BLEU/chrF; over documents for PPL)."""
+    task = g["task"].iloc[0]
+    if n_resamples < 1:
+        return {}
+    if task in TRANSLATION:
+        g = g.sort_values("sample_id")
+        return translation_ci(_texts(g["hypothesis"]), _texts(g["reference"]), n_resamples, seed)
+    if task == "ppl" and g["n_scored_tokens"].sum() > 0:
+        return perplexity_ci(g["nll_sum"].astype(float), g["n_scored_tokens"].astype(float), n_resamples, seed)
+    return {}
+
+
+def _versus_full(g: pd.DataFrame, full: pd.DataFrame, n_resamples: int, seed: int) -> dict:
+    """Method vs `full` on shared sample ids: sacreBLEU's paired bootstrap and approximate randomization."""
     m = g.merge(full[["sample_id", "hypothesis", "reference"]], on="sample_id", suffixes=("", "_full"))
     same = m["reference"].fillna("") == m["reference_full"].fillna("")
     if not same.all():  # a paired test needs the same segments on both sides
         warnings.warn(f"{g['method'].iloc[0]} vs full ({g['task'].iloc[0]}, length {g['length'].iloc[0]}): "
-                      f"{(~same).sum()} samples have different references and are left out of the bootstrap")
+                      f"{(~same).sum()} samples have different references and are left out of the paired tests")
         m = m[same]
     if m.empty:
         return {}
     m = m.sort_values("sample_id")
-    hyp, base, refs = _texts(m["hypothesis"]), _texts(m["hypothesis_full"]), _texts(m["reference"])
-    worse = paired_bootstrap(base, hyp, refs, n_resamples=n_resamples, seed=seed)  # H1: method > full
-    better = paired_bootstrap(hyp, base, refs, n_resamples=n_resamples, seed=seed)  # H1: full > method
-    return {"bleu_delta": worse["delta"], "bleu_ci_low": worse["ci_low"], "bleu_ci_high": worse["ci_high"],
-            "bleu_p_value": min(1.0, 2 * min(worse["p_value"], better["p_value"])), "n_paired": len(m),
-            "n_resamples": n_resamples}
+    return paired_tests(_texts(m["hypothesis_full"]), _texts(m["hypothesis"]), _texts(m["reference"]),
+                        n_resamples=n_resamples, seed=seed)
 
 
 def cell_table(df: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -147,14 +157,16 @@ def cell_table(df: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.D
         row = dict(zip(KEYS, key)) | _cell(g)
         model, task, dataset, method, length, _ = key
         full = groups.get((model, task, dataset, "full", length, "full"))
+        row |= _cell_ci(g, n_resamples, seed)
         if n_resamples > 0 and task in TRANSLATION and method != "full" and full is not None:
-            row |= _bootstrap(g, full, n_resamples, seed)
+            row |= _versus_full(g, full, n_resamples, seed)
         rows.append(row)
     cols = KEYS + ["n_samples", "bleu", "chrf", "al", "laal", "perplexity", "decode_ms_median",
                    "decode_ms_p90", "cache_bytes_peak", "cache_bytes_mean", "retained_tokens_mean",
                    "budget_bytes", "budget_tokens", "layout", "compute", "method_type", "wall_seconds",
-                   "quality_meaningful", "bleu_delta", "bleu_ci_low", "bleu_ci_high", "bleu_p_value",
-                   "n_paired", "n_resamples", "bleu_signature", "chrf_signature"]
+                   "quality_meaningful", "bleu_ci_low", "bleu_ci_high", "chrf_ci_low", "chrf_ci_high",
+                   "perplexity_ci_low", "perplexity_ci_high", "bleu_delta", "bleu_p_value", "bleu_p_ar",
+                   "significance", "n_paired", "n_resamples", "bleu_signature", "chrf_signature"]
     return sort_cells(pd.DataFrame(rows, columns=cols))
 
 
@@ -193,12 +205,12 @@ def _tex_escape(s) -> str:
 def _fmt(col: str, v, scale: float = 1.0, n_resamples: float = 1000) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "--"
-    if col == "bleu_p_value":  # resampling cannot resolve p below 1/n: say so instead of printing 0
+    if col in ("bleu_p_value", "bleu_p_ar"):  # resampling cannot resolve p below 1/n: say so, not 0
         return f"$<${1 / n_resamples:.3g}" if v < 1 / n_resamples else f"{v:.3f}"
     if col == "bleu_delta":
         return f"{v:+.2f}"
-    if col == "bleu_ci":
-        return f"[{v[0]:.1f}, {v[1]:.1f}]"
+    if col in ("bleu_ci", "ppl_ci"):
+        return f"[{v[0]:.3g}, {v[1]:.3g}]" if col == "ppl_ci" else f"[{v[0]:.1f}, {v[1]:.1f}]"
     if col == "perplexity" and v >= 1000:
         return f"{v:.3g}"
     return f"{v / scale:.2f}"
@@ -211,24 +223,37 @@ def study_tex(cells: pd.DataFrame, name: str) -> str:
     for q in QUALITY:  # random-weight models: quality numbers are not meaningful, show "--"
         if q in c and "quality_meaningful" in c:
             c.loc[~c["quality_meaningful"].astype(bool), q] = np.nan
-    if "bleu_ci_low" in c:
-        c["bleu_ci"] = [None if pd.isna(lo) else (lo, hi) for lo, hi in zip(c["bleu_ci_low"], c["bleu_ci_high"])]
+    for col, pre in (("bleu_ci", "bleu"), ("ppl_ci", "perplexity")):
+        if f"{pre}_ci_low" in c:
+            c[col] = [None if pd.isna(lo) else (lo, hi) for lo, hi in zip(c[f"{pre}_ci_low"], c[f"{pre}_ci_high"])]
+            if pre in c:  # no CI where the score itself is blanked (random weights)
+                c.loc[c[pre].isna(), col] = None
+    too_few = (c["significance"].astype(str).str.startswith("n <") if "significance" in c
+               else pd.Series(False, index=c.index))
+    # a cache peak over the method's byte budget is never "best" (it broke the budget)
+    over = (c["cache_bytes_peak"] > c["budget_bytes"] * 1.0001 if {"cache_bytes_peak", "budget_bytes"} <= set(c)
+            else pd.Series(False, index=c.index))
     ids = ["task", "model", "dataset", "length", "budget", "method"]
     fixed = [k for k in ids[:3] if len(c) and c[k].nunique() == 1]
     shown = [k for k in ids if k not in fixed]
-    metrics = [(m, h, b) for m, h, b in TEX_METRICS if m in c and c[m].notna().any()]
+    metrics = [(m, h, b) for m, h, b in TEX_METRICS
+               if m in c and (c[m].notna().any() or (m.startswith("bleu_p") and too_few.any()))]
     scale, unit = figures.byte_unit(c["cache_bytes_peak"].max() if "cache_bytes_peak" in c else 0)
     heads = [k for k in shown] + [f"{h} ({unit})" if m == "cache_bytes_peak" else h for m, h, _ in metrics]
-    block = c.groupby(["task", "model", "dataset", "length"], sort=False) if len(c) else None
+    ranked = c.assign(cache_bytes_peak=c["cache_bytes_peak"].where(~over)) if "cache_bytes_peak" in c else c
+    block = ranked.groupby(["task", "model", "dataset", "length"], sort=False) if len(c) else None
     best = {m: block[m].transform(b) for m, _, b in metrics if b} if block is not None else {}
     lines = [f"% generated by kvbench.aggregate for study {name}; do not edit",
              r"\begin{table}[t]", r"\centering", r"\small"]
     caption = f"Study \\texttt{{{_tex_escape(name)}}}"
     caption += "".join(f"; {k}: {_tex_escape(c[k].iloc[0])}" for k in fixed)
     caption += (". Bold: best per column among rows of the same task, model, dataset and length. "
-                r"$\Delta$BLEU, CI (95\% bootstrap CI of the method's BLEU) and two-sided $p$: paired "
-                "bootstrap against \\texttt{full} on the same samples. --: not applicable or not "
-                "meaningful (random weights).")
+                r"95\% CI: sacreBLEU's bootstrap CI of BLEU (for perplexity, a bootstrap over documents). "
+                r"$\Delta$BLEU and two-sided $p$ against \texttt{full} on the same samples: sacreBLEU's "
+                r"paired bootstrap ($p_{bs}$) and approximate randomization ($p_{ar}$); "
+                f"n$<${MIN_TEST_SAMPLES}: too few samples for any test to reach $p<0.05$. "
+                r"$^\dagger$: cache peak above the byte budget (never bold). "
+                "--: not applicable or not meaningful (random weights).")
     lines += [f"\\caption{{{caption}}}", f"\\label{{tab:{name}}}",
               r"\begin{tabular}{" + "l" * len(shown) + "r" * len(metrics) + "}", r"\toprule",
               " & ".join(_tex_escape(h) if "$" not in h and "\\" not in h else h for h in heads) + r" \\",
@@ -242,7 +267,11 @@ def study_tex(cells: pd.DataFrame, name: str) -> str:
         cells_ = [_tex_escape(r[k]) for k in shown]
         for m, _, b in metrics:
             s = _fmt(m, r[m], scale if m == "cache_bytes_peak" else 1.0, r.get("n_resamples", 1000))
-            if b and pd.notna(r[m]) and r[m] == best[m][i]:
+            if m.startswith("bleu_p") and too_few[i]:
+                s = f"n$<${MIN_TEST_SAMPLES}"
+            if m == "cache_bytes_peak" and over[i]:
+                s += r"$^\dagger$"
+            elif b and pd.notna(r[m]) and r[m] == best[m][i]:
                 s = f"\\textbf{{{s}}}"
             cells_.append(s)
         lines.append(" & ".join(cells_) + r" \\")
@@ -268,6 +297,8 @@ def figure(name: str, raw_files: list[str], out_dir: str, heads_files: list[str]
         return figures.plot_training(list(model_dirs), os.path.join(out_dir, "figures"))
     if name not in figures.FIGURES:
         raise ValueError(f"unknown figure {name!r}; known: {sorted(FIGURE_TASKS)}")
+    if not raw_files:
+        raise ValueError(f"aggregate: figure {name!r} has no raw result files to plot (existing figures untouched)")
     table = read_raw(list(raw_files))
     cells = cell_table(table.to_pandas(), n_resamples=0)  # figures need no bootstrap
     return figures.FIGURES[name](cells, os.path.join(out_dir, "figures"))
@@ -277,6 +308,13 @@ def aggregate(raw_files: list[str], config: dict, out_dir: str, heads_files: lis
               with_figures: bool = True) -> dict:
     """Run the whole aggregation; returns {path relative to out_dir: absolute path} of every file written."""
     opts = config.get("aggregate") or {}
+    if not raw_files:  # an empty aggregation would replace every table with an empty one
+        raise ValueError("aggregate: no raw result files given; nothing to aggregate (existing results untouched)")
+    n_resamples = opts.get("n_resamples", 1000)
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 0:
+        raise ValueError(f"aggregate.n_resamples must be a whole number >= 0, got {n_resamples!r}")
+    if n_resamples < 1:
+        warnings.warn("aggregate.n_resamples is 0: tables get no confidence intervals and no significance tests")
     table = read_raw(list(raw_files))
     written = {}
     all_path = os.path.join(out_dir, "all.parquet")
@@ -284,7 +322,7 @@ def aggregate(raw_files: list[str], config: dict, out_dir: str, heads_files: lis
         pq.write_table(table, tmp)
     written["all.parquet"] = all_path
 
-    cells = cell_table(table.to_pandas(), int(opts.get("n_resamples", 1000)), int(opts.get("seed", 0)))
+    cells = cell_table(table.to_pandas(), n_resamples, int(opts.get("seed", 0)))
     written["tables/cells.csv"] = _write_csv(cells, os.path.join(out_dir, "tables", "cells.csv"))
     for name, spec in (config.get("studies") or {}).items():
         sc = study_cells(cells, spec or {})

@@ -27,7 +27,6 @@ validate_config(config)
 
 JOBS = job_table(config)
 USE_GPU = config.get("device", "auto") == "cuda"
-FIGURES = list(FIGURE_TASKS)
 PROFILED_MODELS = sorted(
     {
         j.model
@@ -43,6 +42,14 @@ TRAINED_MODELS = sorted(
         if config["models"][j.model]["source"].startswith("builtin:")
     }
 )
+# only the figures this config has data for (a figure of nothing would be an empty picture)
+FIGURES = [
+    f
+    for f, tasks in FIGURE_TASKS.items()
+    if any(j.task in tasks for j in JOBS)
+    or (f == "heads" and PROFILED_MODELS)
+    or (f == "training" and TRAINED_MODELS)
+]
 
 
 wildcard_constraints:
