@@ -26,3 +26,10 @@ rule all:
     input:
         AGGREGATE_OUTPUTS,
         [raw_path(j) for j in JOBS],
+
+
+onsuccess:
+    from kvbench.summary import main as _summary
+
+    print("\nkvbench: done.")
+    _summary(["results"])

@@ -285,3 +285,17 @@ def test_too_few_samples_are_marked_in_the_table():
                                cache_bytes_peak=100.0, budget_bytes=90.0)])
     tex = agg.study_tex(cells, "s")
     assert "n$<$6" in tex and r"100.00$^\dagger$" in tex and r"\textbf{100" not in tex
+
+
+def test_headline_names_the_best_method_per_budget_against_full(run, capsys):
+    from kvbench import summary
+
+    cells = pd.read_csv(run["out"] / "tables" / "cells.csv", dtype={"budget": str})
+    ts = cells[(cells["task"] == "translate_stream") & (cells["length"] == 1024)].set_index(["method", "budget"])
+    assert summary.main([str(run["out"])]) == 0
+    out = capsys.readouterr().out
+    assert "streaming translation at 1024 tokens" in out and f"full {ts.loc[('full', 'full'), 'bleu']:.1f}" in out
+    for b in ("64", "128"):
+        line = next(x for x in out.splitlines() if x.strip().startswith(f"B={b}:"))
+        assert f"best sink4 {ts.loc[('sink4', b), 'bleu']:.1f}" in line and "vs full" in line
+    assert "figures:" in out and "cells.csv" in out and "report.html" in out
