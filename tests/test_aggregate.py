@@ -299,3 +299,41 @@ def test_headline_names_the_best_method_per_budget_against_full(run, capsys):
         line = next(x for x in out.splitlines() if x.strip().startswith(f"B={b}:"))
         assert f"best sink4 {ts.loc[('sink4', b), 'bleu']:.1f}" in line and "vs full" in line
     assert "figures:" in out and "cells.csv" in out and "report.html" in out
+
+
+def test_figures_keep_one_colour_per_method_and_show_equal_series(tmp_path):
+    """A method's colour does not depend on which methods a figure shows; identical series are
+    named in the legend and dodged apart; BLEU is drawn on its whole scale."""
+    import matplotlib.pyplot as plt
+
+    figures.set_methods(["full", "a", "b", "c"])
+    try:
+        one = pd.DataFrame({"method": ["full", "c"]})
+        three = pd.DataFrame({"method": ["full", "a", "b", "c"]})
+        assert figures._palette(one)["c"] == figures._palette(three)["c"]
+        cells = pd.DataFrame([dict(task="translate_stream", model="m", dataset="d", method=m, budget=b, length=n,
+                                   bleu=v, quality_meaningful=True)
+                              for m, b, v in (("full", "full", 99.0), ("a", "64", 80.0), ("b", "64", 80.0),
+                                              ("c", "64", 80.01))
+                              for n in (512, 1024)])
+        seen = {}
+        real_save = figures._save
+
+        def keep(fig, data, out_dir, name):
+            seen["fig"] = fig
+            seen["labels"] = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+            seen["ylim"] = fig.axes[0].get_ylim()
+            seen["x"] = {tuple(line.get_xdata()) for line in fig.axes[0].get_lines()}
+            return real_save(fig, data, out_dir, name)
+
+        figures._save = keep
+        try:
+            figures.plot_bleu(cells, str(tmp_path))
+        finally:
+            figures._save = real_save
+        assert "b (same as a)" in seen["labels"] and "c" in seen["labels"]
+        assert seen["ylim"][0] <= 0 and seen["ylim"][1] >= 100
+        assert len(seen["x"]) == 4  # four series, four distinct x positions: none hidden under another
+        plt.close("all")
+    finally:
+        figures.set_methods([])

@@ -289,8 +289,10 @@ def _write_csv(df: pd.DataFrame, path: str) -> str:
 
 
 def figure(name: str, raw_files: list[str], out_dir: str, heads_files: list[str] = (),
-           model_dirs: list[str] = ()) -> list[str]:
-    """One figure (PDF, PNG and its data as CSV) from the raw files it needs."""
+           model_dirs: list[str] = (), methods: list[str] = ()) -> list[str]:
+    """One figure (PDF, PNG and its data as CSV) from the raw files it needs; `methods` (the config's,
+    in order) fix each method's colour across figures."""
+    figures.set_methods(methods)
     if name == "heads":
         return figures.plot_heads(list(heads_files), os.path.join(out_dir, "figures"))
     if name == "training":
@@ -308,6 +310,7 @@ def aggregate(raw_files: list[str], config: dict, out_dir: str, heads_files: lis
               with_figures: bool = True) -> dict:
     """Run the whole aggregation; returns {path relative to out_dir: absolute path} of every file written."""
     opts = config.get("aggregate") or {}
+    figures.set_methods(config.get("methods") or ())
     if not raw_files:  # an empty aggregation would replace every table with an empty one
         raise ValueError("aggregate: no raw result files given; nothing to aggregate (existing results untouched)")
     n_resamples = opts.get("n_resamples", 1000)
@@ -346,13 +349,15 @@ def main(argv=None) -> int:
     p.add_argument("--figure", help="write only this figure (bleu, ppl, memory, latency, pareto, lagging, heads, "
                                     "training)")
     p.add_argument("--no-figures", action="store_true", help="tables and all.parquet only")
+    p.add_argument("--methods", nargs="*", default=[], metavar="NAME",
+                   help="every method of the config, in order (gives each method one colour in every figure)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--config", help="config.yaml (its `studies` select the tables)")
     g.add_argument("--config-json", help="the same config as one JSON object (what the Snakemake rule passes)")
     p.add_argument("--out", default="results", metavar="DIR", help="output directory (default: results)")
     args = p.parse_args(argv)
     if args.figure:
-        paths = figure(args.figure, args.raw, args.out, args.heads, args.models)
+        paths = figure(args.figure, args.raw, args.out, args.heads, args.models, args.methods)
         print(f"aggregate: figure {args.figure} from {len(args.raw)} raw files -> {paths}")
         return 0
     if not (args.config or args.config_json):

@@ -65,11 +65,48 @@ def _themed(fn):
     return wrapper
 
 
+METHODS: list[str] = []  # every method of the config, in config order (set_methods): fixes the colours
+MARKERS = "osD^vP*Xph<>"
+
+
+def set_methods(methods) -> None:
+    """Colours come from the config's method list, so a method has one colour in every figure,
+    whichever methods a figure happens to show."""
+    METHODS[:] = [m for m in dict.fromkeys(methods) if m != "full"]
+
+
 def _palette(cells: pd.DataFrame) -> dict:
     """One colour per method for every figure; `full` (the reference) is black."""
-    others = sorted(m for m in cells["method"].dropna().unique() if m != "full")
+    others = METHODS + sorted(m for m in cells["method"].dropna().unique() if m != "full" and m not in METHODS)
     colours = sns.color_palette("tab10" if len(others) <= 10 else "husl", max(len(others), 1))
     return {"full": "black"} | dict(zip(others, colours))
+
+
+def _markers(cells: pd.DataFrame) -> dict:
+    pal = _palette(cells)
+    return {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(pal)}
+
+
+def _dodge(d: pd.DataFrame, x: str) -> pd.Series:
+    """x shifted a little per method (within +-2% of the axis span), so equal series stay visible."""
+    methods = _order(d["method"])
+    span = (d[x].max() - d[x].min()) or max(abs(d[x].max()), 1)
+    step = 0.04 * span / max(len(methods) - 1, 1)
+    offset = {m: (i - (len(methods) - 1) / 2) * step for i, m in enumerate(methods)}
+    return d[x] + d["method"].map(offset)
+
+
+def _same_series(d: pd.DataFrame, y: str) -> dict:
+    """{method: the first method (legend order) whose series in every panel is identical}, for the legend."""
+    keyed = {m: tuple(map(tuple, g.sort_values(["row", "panel", "length"])[["row", "panel", "length", y]]
+                                       .astype(str).values)) for m, g in d.groupby("method")}
+    out, seen = {}, {}
+    for m in _order(keyed):
+        if keyed[m] in seen:
+            out[m] = seen[keyed[m]]
+        else:
+            seen[keyed[m]] = m
+    return out
 
 
 def _order(methods) -> list[str]:
@@ -111,8 +148,10 @@ def _legend(fig, handles):
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 
-def _method_handles(methods, palette, ls="-"):
-    return [Line2D([], [], color=palette[m], marker="o", ls=ls, label=m) for m in _order(methods)]
+def _method_handles(methods, palette, ls="-", markers=None, same=None):
+    markers, same = markers or {}, same or {}
+    return [Line2D([], [], color=palette[m], marker=markers.get(m, "o"), ls=ls,
+                   label=f"{m} (same as {same[m]})" if m in same else m) for m in _order(methods)]
 
 
 def _lines(cells, task, y, *, name, title, ylabel, out_dir, rows=("model", "dataset"), scale=1.0,
@@ -125,20 +164,26 @@ def _lines(cells, task, y, *, name, title, ylabel, out_dir, rows=("model", "data
     if d.empty:
         return _save(_no_data(title), pd.DataFrame(columns=cols), out_dir, name)
     d, panels = _by_budget(d[cols])
-    pal = _palette(cells)
+    pal, mk = _palette(cells), _markers(cells)
     fig, grid = _grid(d, list(rows), panels, title)
     vals = d[y] / scale
     wide = logy if logy is not None else (vals.min() > 0 and vals.max() / vals.min() > 20)
-    handles = _method_handles(d["method"], pal)
+    same = _same_series(d.assign(row=d[list(rows)].astype(str).agg(" / ".join, axis=1)), y)
+    handles = _method_handles(d["method"], pal, markers=mk, same=same)
+    x_dodged = _dodge(d, "length")
     for ax, sub in grid:
-        if not sub.empty:
-            sns.lineplot(sub.assign(v=sub[y] / scale), x="length", y="v", hue="method", palette=pal,
-                         marker="o", errorbar=None, legend=False, ax=ax)
+        for m in _order(sub["method"]):  # equal series are dodged apart and keep their own markers
+            s_ = sub[sub["method"] == m].assign(x=x_dodged).sort_values("length")
+            ax.plot(s_["x"], s_[y] / scale, color=pal[m], marker=mk[m], ms=5, lw=1.5, alpha=0.9)
         ax.set_xticks(sorted(d["length"].unique()))
         ax.set_xlabel(LENGTH_LABEL)
         ax.set_ylabel(ylabel)
         if wide:
             ax.set_yscale("log")
+        elif y == "bleu":  # the whole BLEU scale: a 0.01 gap must not look like a cliff
+            ax.set_ylim(-2, 102)
+        else:  # linear amounts (bytes, ms) start at zero
+            ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], float(vals.max()) * 1.08))
         if extra is not None:
             handles += extra(ax, sub)
     uniq = {h.get_label(): h for h in handles}
@@ -221,7 +266,7 @@ def plot_pareto(cells: pd.DataFrame, out_dir: str) -> list[str]:
     scale, unit = byte_unit(d["cache_bytes_peak"].max())
     lengths = sorted(d["length"].unique())
     d = d.assign(panel=[f"length {n} tokens" for n in d["length"]])
-    pal = _palette(cells)
+    pal, mk = _palette(cells), _markers(cells)
     fig, grid = _grid(d, ["model", "dataset"], [f"length {n} tokens" for n in lengths], title, sharey=False)
     for ax, sub in grid:
         if sub.empty:
@@ -229,7 +274,9 @@ def plot_pareto(cells: pd.DataFrame, out_dir: str) -> list[str]:
         sub = sub.assign(x=sub["cache_bytes_peak"] / scale)
         front = _frontier(sub, "x", "bleu")
         ax.plot(front["x"], front["bleu"], color="lightgrey", lw=2, zorder=0)
-        sns.scatterplot(sub, x="x", y="bleu", hue="method", palette=pal, s=45, legend=False, ax=ax)
+        for m in _order(sub["method"]):
+            s_ = sub[sub["method"] == m]
+            ax.scatter(s_["x"], s_["bleu"], color=pal[m], marker=mk[m], s=40, alpha=0.85, zorder=2)
         for _, r in sub.iterrows():
             ax.annotate(r["budget"], (r["x"], r["bleu"]), xytext=(4, 3), textcoords="offset points",
                         fontsize="x-small")
@@ -239,7 +286,8 @@ def plot_pareto(cells: pd.DataFrame, out_dir: str) -> list[str]:
         ax.margins(0.12)  # room for the point labels
         ax.set_xlabel(f"peak KV cache ({unit}, log scale)" if ax.get_xscale() == "log" else f"peak KV cache ({unit})")
         ax.set_ylabel("corpus BLEU (sacreBLEU)")
-    handles = _method_handles(d["method"], pal, ls="") + [
+        ax.set_ylim(-2, 102)
+    handles = _method_handles(d["method"], pal, ls="", markers=mk) + [
         Line2D([], [], color="lightgrey", lw=2, label="Pareto frontier"),
         Line2D([], [], ls="", label="point label = budget (tokens)")]
     _legend(fig, handles)
@@ -266,6 +314,7 @@ def plot_lagging(cells: pd.DataFrame, out_dir: str) -> list[str]:
         ax.margins(0.1)
         ax.set_xlabel("average lagging AL (source words)")
         ax.set_ylabel("corpus BLEU (sacreBLEU)")
+        ax.set_ylim(-2, 102)
     handles = _method_handles(d["method"], pal, ls="")
     handles += [Line2D([], [], color="grey", marker=mk, ls="", label=f"length {n}") for n, mk in markers.items()]
     _legend(fig, handles)

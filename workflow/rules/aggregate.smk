@@ -59,6 +59,8 @@ rule figure:
         runtime=15,
     params:
         out=lambda wc, output: os.path.dirname(os.path.dirname(output.pdf)),
+        methods=" ".join(config["methods"]),
     shell:
         "python -m kvbench aggregate --figure {wildcards.name} --raw {input.raw} "
-        "--heads {input.heads} --models {input.models} --out {params.out} > {log} 2>&1"
+        "--heads {input.heads} --models {input.models} --methods {params.methods} "
+        "--out {params.out} > {log} 2>&1"
