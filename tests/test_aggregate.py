@@ -337,3 +337,15 @@ def test_figures_keep_one_colour_per_method_and_show_equal_series(tmp_path):
         plt.close("all")
     finally:
         figures.set_methods([])
+
+
+def test_derived_metrics_against_full(run):
+    cells = pd.read_csv(run["out"] / "tables" / "cells.csv", dtype={"budget": str})
+    key = ["task", "method", "length", "budget"]
+    c = cells.set_index(key)
+    lat, full = c.loc[("latency", "sink4", 1024, "64")], c.loc[("latency", "full", 1024, "full")]
+    assert lat["speedup_vs_full"] == pytest.approx(full["decode_ms_median"] / lat["decode_ms_median"])
+    assert lat["compression_vs_full"] == pytest.approx(full["cache_bytes_peak"] / lat["cache_bytes_peak"])
+    ppl, pfull = c.loc[("ppl", "sink4", 1024, "64")], c.loc[("ppl", "full", 1024, "full")]
+    assert ppl["ppl_increase_pct"] == pytest.approx(100 * (ppl["perplexity"] / pfull["perplexity"] - 1))
+    assert pd.isna(pfull["ppl_increase_pct"])

@@ -44,7 +44,9 @@ TEX_METRICS = [
     ("bleu", "BLEU", "max"), ("bleu_ci", r"95\% CI", None), ("chrf", "chrF", "max"),
     ("bleu_delta", r"$\Delta$BLEU", None), ("bleu_p_value", "$p_{bs}$", None), ("bleu_p_ar", "$p_{ar}$", None),
     ("al", "AL", "min"), ("laal", "LAAL", "min"), ("perplexity", "PPL", "min"), ("ppl_ci", r"95\% CI", None),
+    ("ppl_increase_pct", r"PPL +\%", None),
     ("decode_ms_median", "ms/tok (med.)", "min"), ("decode_ms_p90", "ms/tok (p90)", "min"),
+    ("speedup_vs_full", "speedup", None), ("compression_vs_full", "compr.", None),
     ("cache_bytes_peak", "cache peak", "min"),
 ]
 
@@ -149,6 +151,19 @@ def _versus_full(g: pd.DataFrame, full: pd.DataFrame, n_resamples: int, seed: in
                         n_resamples=n_resamples, seed=seed)
 
 
+def _derived(full: dict, row: dict) -> dict:
+    """Against the full cache of the same task, dataset and length (the StreamingLLM project's derived
+    metrics): decode speedup, KV compression ratio (peak bytes) and perplexity increase in percent."""
+    def ratio(num, den):
+        return num / den if pd.notna(num) and pd.notna(den) and den > 0 else np.nan
+
+    out = {"speedup_vs_full": ratio(full.get("decode_ms_median"), row.get("decode_ms_median")),
+           "compression_vs_full": ratio(full.get("cache_bytes_peak"), row.get("cache_bytes_peak"))}
+    r = ratio(row.get("perplexity"), full.get("perplexity"))
+    out["ppl_increase_pct"] = 100 * (r - 1) if pd.notna(r) else np.nan
+    return out
+
+
 def cell_table(df: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
     """One row per (model, task, dataset, method, length, budget); see the module docstring."""
     groups = {k: g for k, g in df.groupby(KEYS, sort=True, dropna=False)}
@@ -158,6 +173,8 @@ def cell_table(df: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.D
         model, task, dataset, method, length, _ = key
         full = groups.get((model, task, dataset, "full", length, "full"))
         row |= _cell_ci(g, n_resamples, seed)
+        if full is not None and method != "full":
+            row |= _derived(_cell(full), row)
         if n_resamples > 0 and task in TRANSLATION and method != "full" and full is not None:
             row |= _versus_full(g, full, n_resamples, seed)
         rows.append(row)
@@ -166,7 +183,8 @@ def cell_table(df: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.D
                    "budget_bytes", "budget_tokens", "layout", "compute", "method_type", "wall_seconds",
                    "quality_meaningful", "bleu_ci_low", "bleu_ci_high", "chrf_ci_low", "chrf_ci_high",
                    "perplexity_ci_low", "perplexity_ci_high", "bleu_delta", "bleu_p_value", "bleu_p_ar",
-                   "significance", "n_paired", "n_resamples", "bleu_signature", "chrf_signature"]
+                   "significance", "n_paired", "n_resamples", "speedup_vs_full", "compression_vs_full",
+                   "ppl_increase_pct", "bleu_signature", "chrf_signature"]
     return sort_cells(pd.DataFrame(rows, columns=cols))
 
 
