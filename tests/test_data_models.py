@@ -84,11 +84,12 @@ def test_hf_datasets_path_on_local_files(tmp_path, tiny_model_dir):
     n = data.make_data(cfg, 128, 2, 0, str(out), tokenizer=tok)
     docs = data.read_docs(str(out))
     assert n == 2 and docs[0]["src_lang"] == "en" and docs[0]["target"].startswith("kax")
-    w = tmp_path / "wiki.jsonl"
-    w.write_text("\n".join(json.dumps({"text": "ka buda esi namo ." * 3}) for _ in range(30)))
+    w = tmp_path / "wiki.jsonl"  # WikiText's rows: paragraph lines with blank rows between them
+    w.write_text("\n".join(json.dumps({"text": t}) for _ in range(30) for t in ("ka buda esi namo ." * 3, "")))
     cfg = {"source": "hf", "path": "json", "data_files": str(w), "split": "train"}
     data.make_data(cfg, 64, 1, 0, str(out), tokenizer=tok)
     assert data.read_docs(str(out))[0]["target"] == ""
+    assert data.dataset_kind(cfg, data._rows(cfg)) == "paragraphs"
 
 
 @pytest.mark.parametrize("source,msg", [

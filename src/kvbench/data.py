@@ -1,23 +1,41 @@
 """Datasets: documents built to a target token length, saved as JSONL with a fixed schema.
 
 Each line: {"id", "src_lang", "tgt_lang", "source", "target", "sent_ends", "n_tokens", "length"}.
-`source`/`target` are space-joined words; `sent_ends` the word index where each sentence ends;
-perplexity-only corpora (WikiText, PG19) have an empty target. Sources:
+`source`/`target` are space-joined words; `sent_ends` the word index where each sentence (pair or
+paragraph) ends; perplexity-only corpora (WikiText, PG19) have an empty target; `n_tokens` counts the
+text with the model's tokenizer plus a fixed allowance for prompt and markers, never above `length`.
+Sources:
 - `synthetic`: the builtin language pair (kvbench.synth), seeded, offline; one token per word.
-- `hf`: anything `datasets.load_dataset` reads, in the real datasets' own column layout:
-  translation pairs ({"translation": {"en": ..., "fr": ...}}, IWSLT-17 / WMT) are concatenated
-  sentence by sentence into documents; text corpora ({"text": ...}, WikiText-103 / PG19) are
-  concatenated and cut at sentence ends. Lengths are counted with the model's tokenizer.
+- `hf`: anything `datasets.load_dataset` reads, in the real datasets' own column layout. The
+  dataset's `kind` says how rows become documents (config key; inferred from the layout if absent):
+  - `translation`: rows are sentence pairs ({"translation": {"en": ..., "fr": ...}}, IWSLT-17 /
+    WMT); pairs are appended, kept intact, until the next one would overflow the length.
+  - `paragraphs`: rows are the lines of one text stream (WikiText-103: blank rows between
+    paragraphs, ` = Heading = ` lines); paragraphs are concatenated, across articles, until the next
+    one would overflow (a paragraph longer than a whole document is cut at a word).
+  - `books`: each row is one whole document (PG19: a book per row); a row is cut, from its start,
+    into documents filled to the length at a word boundary; a row (or remainder) shorter than that
+    gives none, and rows are never joined.
+  Inferred kind: `translation` if the rows have a `translation` column; `paragraphs` if one of the
+  first rows is blank or a ` = Heading = ` line; `books` otherwise. Only full documents are kept (a
+  stream's or book's tail that does not fill one is dropped). make_data prints how many documents it
+  made against how many were asked for, and fails when fewer were made unless `allow_fewer: true`.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
+import re
 
 from . import synth
 from .io import atomic_path
 
 FIELDS = ("id", "src_lang", "tgt_lang", "source", "target", "sent_ends", "n_tokens", "length")
+KINDS = ("translation", "paragraphs", "books")
+OVERHEAD = 32  # tokens allowed for the prompt and markers: a conservative allowance
+INFER_ROWS = 200  # rows looked at to tell a paragraph stream from one-document-per-row
 
 
 def _dump(docs: list[dict], out: str) -> None:
@@ -53,74 +71,235 @@ def _rows(cfg: dict):
         raise ValueError(f"cannot load dataset {where}: {why}") from e
 
 
+def _label(cfg: dict) -> str:
+    """The dataset as the config names it: path, config name, split, data files."""
+    out = repr(cfg.get("path"))
+    for key in ("name", "split", "data_files"):
+        if cfg.get(key) is not None:
+            out += f" {key} {cfg[key]!r}"
+    return out
+
+
+def _is_heading(line: str) -> bool:
+    s = line.strip()
+    return len(s) > 2 and s.startswith("= ") and s.endswith(" =")  # WikiText: " = Title = ", " = = Sub = = "
+
+
+def dataset_kind(cfg: dict, rows) -> str:
+    """The config's `kind`, checked against the rows' layout, or the kind the layout implies."""
+    field, cols = cfg.get("text_field", "text"), rows.column_names
+    kind = cfg.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"dataset {_label(cfg)}: kind must be one of {list(KINDS)}, got {kind!r}")
+    if kind == "translation" or (kind is None and "translation" in cols):
+        if "translation" not in cols:
+            raise ValueError(f"dataset {_label(cfg)}: kind translation needs a `translation` column; it has {cols}")
+        return "translation"
+    if field not in cols:
+        raise ValueError(f"dataset {_label(cfg)}: no text column {field!r} (columns {cols}); set text_field")
+    if kind is None:
+        head = (r[field] or "" for r in itertools.islice(iter(rows), INFER_ROWS))
+        kind = "paragraphs" if any(not t.strip() or _is_heading(t) for t in head) else "books"
+    return kind
+
+
+class _Counter:
+    """Token counts with the model's tokenizer: exact for a text, and per word (with its leading
+    space, cached) to place cuts, where a document's count is the sum of its words' counts for
+    tokenizers that split at spaces; every document is then counted exactly and trimmed if over."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.cache = tokenizer, {}
+
+    def text(self, text: str) -> int:
+        return len(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def words(self, words: list[str]) -> list[int]:
+        new = sorted(set(words) - self.cache.keys())
+        if new:
+            ids = self.tok([" " + w for w in new], add_special_tokens=False)["input_ids"]
+            self.cache.update(zip(new, map(len, ids)))
+        return [self.cache[w] for w in words]
+
+    def fit(self, words: list[str], room: int) -> tuple[int, int]:
+        """(m, tokens): the longest prefix words[:m] (m <= len(words)) whose text fits in `room`."""
+        m = len(words)
+        while m > 0:
+            n = self.text(" ".join(words[:m]))
+            if n <= room:
+                return m, n
+            m -= max(1, n - room)  # a word is at least one token
+        return 0, 0
+
+
+def _paragraphs(rows, field: str, by_blank_rows: bool):
+    """Word lists of the paragraphs in a column: for a line stream, consecutive non-blank rows up to
+    a blank row (a heading line stands alone); for one document per row, its blank-line paragraphs."""
+    cur = []
+    for row in rows:
+        text = row[field] or ""
+        if by_blank_rows:
+            if _is_heading(text):
+                if cur:
+                    yield cur
+                yield text.split()
+                cur = []
+            elif text.strip():
+                cur += text.split()
+            elif cur:
+                yield cur
+                cur = []
+        else:
+            yield [p.split() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if by_blank_rows and cur:
+        yield cur
+
+
+def _text_docs(rows, kind: str, field: str, room: int, n: int, counter: _Counter) -> list[tuple[list, list, int]]:
+    """(words, paragraph ends, tokens) of up to n full documents of at most `room` tokens."""
+    out = []
+
+    def cut(words: list[str], ends: list[int], est: list[int]) -> int:
+        """Cut full documents from the front of words; returns how many words they used."""
+        prefix = [0, *itertools.accumulate(est)]
+        a = 0
+        while len(out) < n:
+            b = bisect.bisect_right(prefix, prefix[a] + room) - 1  # words[a:b] fit by the estimate
+            if b >= len(words):
+                break  # the rest does not fill a document
+            m, tok = counter.fit(words[a:b], room)
+            if m == 0:  # one word longer than a document: skip it
+                a += 1
+                continue
+            out.append((words[a:a + m], [e - a for e in ends if a < e < a + m] + [m], tok))
+            a += m
+        return a
+
+    if kind == "books":
+        for book in _paragraphs(rows, field, by_blank_rows=False):
+            words = [w for p in book for w in p]
+            ends = list(itertools.accumulate(len(p) for p in book))
+            cut(words, ends, counter.words(words))
+            if len(out) == n:
+                break
+        return out
+    cur, ends, est, total = [], [], [], 0  # paragraph stream: the document being filled
+    for para in _paragraphs(rows, field, by_blank_rows=True):
+        c = counter.words(para)
+        if cur and total + sum(c) > room:  # full: the next paragraph would overflow it
+            m, tok = counter.fit(cur, room)
+            if m:
+                out.append((cur[:m], [e for e in ends if e < m] + [m], tok))
+            cur, ends, est, total = [], [], [], 0
+            if len(out) == n:
+                break
+        cur += para
+        est += c
+        total += sum(c)
+        ends.append(len(cur))
+        if total > room:  # a paragraph longer than a whole document: cut it, the rest goes on
+            used = cut(cur, ends, est)
+            cur, est = cur[used:], est[used:]
+            ends, total = [e - used for e in ends if e > used], sum(est)
+            if len(out) == n:
+                break
+    return out
+
+
 def hf_docs(cfg: dict, length: int, n: int, tokenizer) -> list[dict]:
-    """Documents from a datasets.load_dataset corpus, each as long as fits in `length` tokens."""
+    """Up to n documents of at most `length` tokens from a datasets.load_dataset corpus (fewer when
+    the corpus is too short: make_data reports and checks that)."""
+    return _hf_docs(cfg, length, n, tokenizer)[0]
+
+
+def _hf_docs(cfg: dict, length: int, n: int, tokenizer) -> tuple[list[dict], str]:
     rows = _rows(cfg)
+    kind = dataset_kind(cfg, rows)
     src_lang, tgt_lang = cfg.get("src_lang"), cfg.get("tgt_lang")
-    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    overhead = 32  # prompt and markers: a conservative allowance
-    docs, cur = [], dict(src=[], tgt=[], ends=[], tokens=overhead)
-    translation = "translation" in rows.column_names
-    if translation:
-        if not (src_lang and tgt_lang):
-            raise ValueError(f"dataset {cfg.get('path')!r} holds translation pairs: give src_lang and tgt_lang")
-        have = sorted(rows[0]["translation"]) if len(rows) else []
-        for key, lang in (("src_lang", src_lang), ("tgt_lang", tgt_lang)):
-            if lang not in have:
-                raise ValueError(f"dataset {cfg.get('path')!r}: {key} {lang!r} is not among its languages {have}")
+    counter = _Counter(tokenizer)
+    room = length - OVERHEAD
+    if room < 1:
+        raise ValueError(f"length {length} leaves no room for text after the {OVERHEAD}-token prompt allowance")
+    if kind != "translation":
+        made = _text_docs(rows, kind, cfg.get("text_field", "text"), room, n, counter)
+        return [dict(id=i, src_lang=src_lang, tgt_lang=tgt_lang, source=" ".join(words), target="",
+                     sent_ends=ends, n_tokens=OVERHEAD + tok, length=length)
+                for i, (words, ends, tok) in enumerate(made)], kind
+
+    count = counter.text
+    docs, cur = [], dict(src=[], tgt=[], ends=[], tokens=OVERHEAD)
+    if not (src_lang and tgt_lang):
+        raise ValueError(f"dataset {_label(cfg)} holds translation pairs: give src_lang and tgt_lang")
+    have = sorted(rows[0]["translation"]) if len(rows) else []
+    for key, lang in (("src_lang", src_lang), ("tgt_lang", tgt_lang)):
+        if lang not in have:
+            raise ValueError(f"dataset {cfg.get('path')!r}: {key} {lang!r} is not among its languages {have}")
 
     def flush():
         if cur["src"]:
             docs.append(dict(id=len(docs), src_lang=src_lang, tgt_lang=tgt_lang, source=" ".join(cur["src"]),
                              target=" ".join(cur["tgt"]), sent_ends=list(cur["ends"]), n_tokens=cur["tokens"],
                              length=length))
-        cur.update(src=[], tgt=[], ends=[], tokens=overhead)
+        cur.update(src=[], tgt=[], ends=[], tokens=OVERHEAD)
 
     for row in rows:
-        if translation:
-            s, t = row["translation"][src_lang].split(), row["translation"][tgt_lang].split()
-        else:
-            s, t = row[cfg.get("text_field", "text")].split(), []
+        s, t = row["translation"][src_lang].split(), row["translation"][tgt_lang].split()
         if not s:
             continue
         need = count(" ".join(s)) + (count(" ".join(t)) if t else 0)
-        if need + overhead > length:
-            continue  # one sentence longer than a whole document: skip it
+        if need + OVERHEAD > length:
+            continue  # one sentence pair longer than a whole document: skip it
         if cur["tokens"] + need > length:
-            flush()
+            flush()  # full: the next pair would overflow it
             if len(docs) == n:
                 break
         cur["src"] += s
         cur["tgt"] += t
         cur["ends"].append(len(cur["src"]))
         cur["tokens"] += need
-    if len(docs) < n:
-        flush()
-    if not docs:
-        raise ValueError(f"dataset {cfg.get('path')!r} gave no document of at most {length} tokens")
-    return docs[:n]
+    return docs[:n], kind  # a last document the pairs ran out before filling is not kept
+
+
+def _shortfall(kind: str) -> str:
+    return {"books": "full documents from each row's start; a shorter row gives none, rows are not joined",
+            "paragraphs": "the text stream holds fewer full documents at this length",
+            "translation": "the split holds too few sentence pairs for that many full documents"}.get(kind, "")
 
 
 def make_data(cfg: dict, length: int, n: int, seed: int, out: str, tokenizer=None,
-              max_positions: int | None = None) -> int:
-    """Build and save the documents of one (dataset, length); returns the number written."""
+              max_positions: int | None = None, name: str | None = None) -> int:
+    """Build and save the documents of one (dataset, length); returns the number written.
+
+    Prints (stdout: make-data's output and the Snakemake job's log) how many documents were made
+    against how many were asked for; raises ValueError when an hf dataset gives fewer, unless its
+    config says `allow_fewer: true` (never when it gives none). `name` is the dataset's name in the
+    config, for the messages."""
     if max_positions is not None and length > max_positions:
         raise ValueError(f"length {length} is beyond the model's maximum positions ({max_positions})")
     if n < 1:
         raise ValueError(f"n_samples must be >= 1, got {n}")
     src = cfg.get("source", "synthetic")
+    label = (f"{name!r} ({_label(cfg)})" if name else _label(cfg)) if src == "hf" else repr(name or src)
+    kind = "synthetic"
     if src == "synthetic":
         docs = synthetic_docs(length, n, seed)
     elif src == "hf":
         if tokenizer is None:
             raise ValueError("hf datasets are built to a token length: pass the model (--model DIR)")
         try:
-            docs = hf_docs(cfg, length, n, tokenizer)
+            docs, kind = _hf_docs(cfg, length, n, tokenizer)
         except UnicodeDecodeError as e:  # raised while reading rows lazily: name what was read
             where = f"{cfg.get('path')!r}" + (f" (data_files {cfg['data_files']!r})" if cfg.get("data_files") else "")
             raise ValueError(f"dataset {where}: not UTF-8 text ({e})") from None
     else:
         raise ValueError(f"unknown dataset source {src!r}; use 'synthetic' or 'hf'")
+    if len(docs) < n and (not cfg.get("allow_fewer", False) or not docs):
+        raise ValueError(f"dataset {label}, length {length}: made {len(docs)} of {n} documents asked for "
+                         f"(kind {kind}: {_shortfall(kind)}); lower n_samples or the length, use a larger split, "
+                         f"or set allow_fewer: true" + ("" if docs else " (which needs at least one)"))
+    note = f" (allow_fewer: {n - len(docs)} short)" if len(docs) < n else ""
+    print(f"make-data: dataset {label}, kind {kind}, length {length}: made {len(docs)} of {n} documents "
+          f"asked for{note}", flush=True)
     _dump(docs, out)
     return len(docs)
 
