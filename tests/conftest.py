@@ -73,6 +73,8 @@ class StreamInfo:
         self.ids, self.pos, self.role = ids, pos, role
         self.copy = layout.ROLE_TARGET not in role
         self.steps: dict[int, list[int]] = {}
+        self.label: dict[int, int] = {}  # name step -> the name token it produces
+        self.at = {(r, p): i for i, (r, p) in enumerate(zip(role, pos))}  # (role, pos) -> stream index
         if self.copy:
             return
         lex = synth.lexicon()
@@ -85,7 +87,7 @@ class StreamInfo:
             if lab in alias:
                 seen = [i for i in range(a) if ids[i] in (lab, alias[lab])]
                 if seen:
-                    self.steps[a] = seen
+                    self.steps[a], self.label[a] = seen, lab
 
     def previous(self, t: int) -> int | None:
         """The last earlier index holding the same token as t."""
@@ -207,8 +209,17 @@ PLANTED_KV_TYPES = [["retrieval", "induction"], ["retrieval", "induction"], ["re
 
 
 @pytest.fixture(scope="session")
+def planted_attention():
+    """PlantedAttention(tok, rules): heads by construction (use `with ....installed():`)."""
+    return PlantedAttention
+
+
+@pytest.fixture(scope="session")
 def planted_profile(tiny, tmp_path_factory):
-    """`kvbench profile` of the tiny model with planted heads (PLANTED_RULES): (DataFrame, parquet path)."""
+    """`kvbench profile` of the tiny model with planted heads (PLANTED_RULES): the frame, the parquet,
+    and the types each query head and KV head has by construction."""
+    from types import SimpleNamespace
+
     from kvbench import profiling
 
     model, tok, d = tiny
@@ -216,7 +227,10 @@ def planted_profile(tiny, tmp_path_factory):
     with PlantedAttention(tok, PLANTED_RULES).installed() as planted:
         df = profiling.run_profile(d, out, n_prompts=2, copy_len=16, doc_length=320)
     assert planted.calls > 0
-    return df, out
+    q_types = {(li, h): RULE_TYPE[r] for li, rules in PLANTED_RULES.items() for h, r in enumerate(rules)}
+    previous = {(li, h) for li, rules in PLANTED_RULES.items() for h, r in enumerate(rules)
+                if r is attend_previous_occurrence}
+    return SimpleNamespace(df=df, path=out, q_types=q_types, kv_types=PLANTED_KV_TYPES, previous=previous)
 
 
 # ---- tiers -------------------------------------------------------------------------------------
