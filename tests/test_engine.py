@@ -1,4 +1,5 @@
-"""Engine properties on a tiny random-weight model: exactness, kept sets, bytes, GPE."""
+"""Engine properties on a tiny random-weight model: exactness, kept sets, bytes, GPE, and the method
+matrix: every registered method x {budget above the length, tight budget} on a mixed head profile."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from kvbench.engine.session import Session
 from kvbench.methods import REGISTRY, method_from_config
 from kvbench.prompt import Prompter
 
-EVICTING = [n for n, c in REGISTRY.items() if c.evicts and not c.needs_profile and c.storage == "dense"]
+METHODS = sorted(REGISTRY)  # the matrix: every registered method type, at its defaults
+LOSSY = sorted(n for n, c in REGISTRY.items() if c.storage != "dense")  # low-bit storage: never exact
 
 
 def prompter(tiny, translate=True):
@@ -38,40 +40,105 @@ def test_full_equals_plain_forward(tiny, docs):
     assert (out - ref).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("name", EVICTING)
-@pytest.mark.parametrize("task", ["translate_stream", "ppl"])
-def test_budget_above_length_is_full(tiny, docs, name, task):
+@pytest.fixture(scope="module")
+def mixed_profile(tiny, planted_profile):
+    """The tiny model's head profile from the profiler run on planted heads: retrieval, induction and
+    local KV heads (read back from its Parquet like an eval job does)."""
+    from kvbench.profiling import read_profile
+
+    prof = read_profile(planted_profile.path, tiny[0])
+    assert {t for layer in prof.types for t in layer} == {"retrieval", "induction", "local"}
+    return prof
+
+
+@pytest.fixture(scope="module")
+def full_rows(tiny, docs):
     model, tok, d = tiny
-    doc = docs[96][0]
-    p = prompter(tiny)
-    ref = tasks.run_task(task, Session(model, method_from_config("full", {}), None, 16), p, doc, {"wait_k": 3})
-    got = tasks.run_task(task, Session(model, method_from_config(name, {}), 4096, 16), p, doc, {"wait_k": 3})
+    return {t: tasks.run_task(t, Session(model, method_from_config("full", {}), None, 16), prompter(tiny),
+                              docs[96][0], {"wait_k": 3}) for t in ("translate_stream", "ppl")}
+
+
+def test_matrix_has_every_registered_method():
+    assert METHODS == sorted(REGISTRY) and len(METHODS) >= 7
+    assert set(LOSSY) == {"haq_kv", "stream_quant"}  # the registered methods that store keys at low bits
+
+
+class BudgetChecked(Session):
+    """A session that checks every head's budget after each eviction step (every prefill chunk and
+    decode step): tokens for dense storage, tokens and bytes (the head's byte allowance) for quantized."""
+
+    steps = 0
+
+    def _evict(self):
+        super()._evict()
+        self.steps += 1
+        if self.budgets is None:
+            return
+        g = self.geom
+        per_token = self.budget_bytes(1) // (g["n_layers"] * g["n_kv_heads"])  # one token's K+V of one head
+        for i, s in enumerate(self.stores):
+            if self.method.storage == "dense":
+                assert bool((s.live() <= self.budgets[i]).all()), (i, s.live(), self.budgets[i])
+                continue
+            tokens = self.method.token_budgets(i, self.budgets[i])
+            assert bool((s.live() <= tokens).all()), (i, s.live(), tokens)
+            for h, hd in enumerate(s.heads):
+                assert hd.nbytes() <= int(self.budgets[i, h]) * per_token, (i, h)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("task", ["translate_stream", "ppl"])
+def test_budget_above_length_is_full(tiny, docs, mixed_profile, full_rows, name, task):
+    """A budget above the stream length evicts nothing, and every method that stores K/V exactly then
+    reproduces the full cache: the same hypothesis and delays, the same NLL (float rounding only)."""
+    model, tok, d = tiny
+    sess = BudgetChecked(model, method_from_config(name, {}), 4096, 16, profile=mixed_profile)
+    got = tasks.run_task(task, sess, prompter(tiny), docs[96][0], {"wait_k": 3})
+    assert sess.tokens > 0 and all(s.n_live == [sess.tokens] * s.h for s in sess.stores)  # nothing evicted
+    if sess.budgets is not None:
+        assert int(sess.budgets.min()) >= sess.tokens  # every head's budget (head-aware shares too)
+    if name in LOSSY:
+        return
+    ref = full_rows[task]
     if task == "ppl":
-        assert abs(got["nll_sum"] - ref["nll_sum"]) < 1e-3 * max(1.0, abs(ref["nll_sum"]))
+        assert got["nll_sum"] == pytest.approx(ref["nll_sum"], rel=1e-5)
     else:
         assert got["hypothesis"] == ref["hypothesis"] and got["delays"] == ref["delays"]
 
 
-@pytest.mark.parametrize("name", EVICTING)
+@pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("task", list(tasks.TASKS))
-def test_matrix_tight_budget_runs_and_respects_budget(tiny, docs, name, task):
+def test_matrix_tight_budget_runs_and_respects_budget(tiny, docs, mixed_profile, name, task):
     model, tok, d = tiny
     budget = 24
-    sess = Session(model, method_from_config(name, {}), budget, chunk_size=8)
+    method = method_from_config(name, {})
+    sess = BudgetChecked(model, method, budget, chunk_size=8, profile=mixed_profile)
     row = tasks.run_task(task, sess, prompter(tiny), docs[96][1], {"wait_k": 3, "n_decode": 2, "warmup": 0})
-    assert row
-    for s in sess.stores:
-        assert int(s.live().max()) <= budget
-    # steady state after every step, once full: the budget bytes (fp32 here) plus the one spare
-    # slot an evicting store keeps for the next decode token, never more; evicted slots are freed
+    assert row and sess.steps > 0
+    if not method.evicts:
+        return
+    n_layers, n_heads = len(sess.stores), sess.stores[0].h
+    # per-head budgets redistribute the uniform total, never add to it
+    assert sess.budgets.shape == (n_layers, n_heads) and bool((sess.budgets.sum(1) == budget * n_heads).all())
+    assert sess.tokens > budget + 16  # so the cache really was evicted, many times
     full_bytes = sess.budget_bytes(budget)
-    slot = full_bytes // budget
+    if method.storage != "dense":  # quantized: within the budget's bytes after every step, holding more tokens
+        assert all(b <= full_bytes for b in sess.memory.after_step_bytes)
+        assert sess.memory.retained_peak > budget
+        return
+    # dense: after every step, once full, each layer holds its largest head budget + the one spare slot an
+    # evicting store keeps for the next decode token (per-head budgets pad to the largest head); evicted
+    # slots are freed. With uniform budgets that is the budget bytes (fp32 here) plus one slot.
+    slot = full_bytes // budget // n_layers // n_heads  # one token of one head
+    alloc = sum(n_heads * (int(b.max()) + 1) for b in sess.budgets) * slot
     steady = [b for b in sess.memory.after_step_bytes if b >= full_bytes]
-    assert steady and all(b <= full_bytes + slot for b in steady)
-    assert sess.memory.after_step_bytes[-1] == full_bytes + slot
-    for s in sess.stores:
-        assert s.capacity == int(s.live().max()) + s.reserve and s.nbytes() == s.capacity * 2 * 2 * 64 * 4
-    assert sess.memory.bytes_peak <= full_bytes * (budget + 8) / budget
+    assert steady and all(b <= alloc for b in steady)
+    assert sess.memory.after_step_bytes[-1] == alloc
+    if method.layout == "dense":
+        assert alloc == full_bytes + full_bytes // budget
+    for s, b in zip(sess.stores, sess.budgets):
+        assert s.capacity == int(b.max()) + s.reserve and s.nbytes() == s.capacity * n_heads * 2 * 64 * 4
+    assert sess.memory.bytes_peak <= alloc * (budget + 8) / budget
 
 
 def test_streaming_llm_keeps_sinks_and_recent(tiny, docs):
