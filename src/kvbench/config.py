@@ -1,14 +1,19 @@
 """Config loading, validation and the job table.
 
-`load_config(path)` parses YAML (duplicate keys are errors: `load_yaml`), validates it against
-workflow/schemas/config.schema.yaml (errors name the key), fills defaults, then checks what a schema
-cannot, all without building or loading anything: every model source parses (scheme, pinned hub
+`load_config(path)` parses YAML (duplicate keys, and keys YAML reads as numbers or booleans, are
+errors: `load_yaml`), checks every name that becomes a path component (`check_name`: no `.`, `..`,
+`/`, at most 64 characters) and every number (integers are integers, below 2^31; no NaN or
+infinity), validates it against workflow/schemas/config.schema.yaml (errors name the key), fills
+defaults, then checks what a schema cannot, all without building or loading anything: every model source parses (scheme, pinned hub
 revision, local folder, builtin recipe, random architecture); every name a study uses exists;
 method parameters match the method dataclass fields in name and type and pass the method's own
 checks (every defined method, used or not); budgets fit the methods; lengths fit the models' maximum
 positions and hold at least one synthetic sentence pair; quantization group sizes divide the models'
-head_dim; hf translation datasets name known languages. `job_table(cfg)` is the union of all
-studies' grids, deduplicated: one entry per eval output path.
+head_dim; hf translation datasets name known languages; target offsets leave room for the target within the
+models' positions. Soft problems are one-line warnings on stderr (`warn`): a budget at or above a
+length, a study that plans no job, names that differ only by case, parameters a method or task
+ignores. `job_table(cfg)` is the union of all studies' grids, deduplicated: one entry per eval
+output path.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
+import re
+import sys
 from dataclasses import dataclass
 
 import yaml
@@ -30,6 +38,59 @@ class ConfigError(ValueError):
     pass
 
 
+INT_MAX = 2**31 - 1  # every integer in a config or on a command line (seeds, budgets, lengths, counts)
+MAX_SAMPLES = 1_000_000  # documents per dataset cell: more is a typo, and building them would not end
+NAME_MAX = 64
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+SECTIONS = ("models", "datasets", "methods", "studies")  # their names are path components
+
+# task parameter -> minimum (integers), and the parameters each task reads
+TASK_PARAMS = {"wait_k": 1, "target_offset": 0, "n_decode": 1, "warmup": 0}
+TASK_DEFAULTS = {"wait_k": 5, "target_offset": 0, "n_decode": 32, "warmup": 4}
+TASK_USES = {"translate_stream": ("wait_k", "target_offset"), "translate_batch": ("target_offset",),
+             "ppl": ("wait_k", "target_offset"), "latency": ("wait_k", "target_offset", "n_decode", "warmup")}
+# fields a method type accepts (inherited) but ignores; a method class may declare `ignored_fields`
+# itself (methods/head_aware.py's Uniform should: until then it is listed here)
+IGNORED_FIELDS = {"uniform": ("share_retrieval", "share_induction", "share_local")}
+
+_warned: set = set()
+
+
+def warn(msg: str) -> None:
+    """A one-line warning on stderr, once per message per command (reset_warnings starts a command)."""
+    if msg not in _warned:
+        _warned.add(msg)
+        print(f"warning: {msg}", file=sys.stderr)
+
+
+def reset_warnings() -> None:
+    _warned.clear()
+
+
+def check_name(name, what: str = "name") -> str:
+    """A name used as a path component (model, dataset, method, study): letters, digits, '_', '.',
+    '-', not starting with '.' or '-', at most NAME_MAX characters. ValueError naming it otherwise."""
+    if not isinstance(name, str):
+        raise ValueError(f"{what} {name!r} must be text, not {type(name).__name__}")
+    if len(name) > NAME_MAX:
+        raise ValueError(f"{what} {name[:20]!r}... is {len(name)} characters long; at most {NAME_MAX}")
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{what} {name!r} cannot be a folder name: use letters, digits, '_', '.' and '-', "
+                         f"starting with a letter, digit or '_' (no '.', '..', '/' or spaces)")
+    return name
+
+
+def check_int(value, what: str, minimum: int | None = None, maximum: int = INT_MAX) -> int:
+    """An integer (not a bool, not 2.0) within [minimum, maximum]; ValueError naming `what`."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{what} must be at most {maximum}, got {value}")
+    return value
+
+
 class _StrictLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
 
@@ -37,6 +98,10 @@ class _StrictLoader(yaml.SafeLoader):
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                text = getattr(key_node, "value", key)
+                raise ConfigError(f"key {text!r} (line {key_node.start_mark.line + 1}) is read by YAML as "
+                                  f"{type(key).__name__} {key!r}, not as text; quote it: '{text}'")
             try:
                 first = seen.get(key)
             except TypeError:  # unhashable key: let PyYAML report it
@@ -76,6 +141,8 @@ def parse_budget(budget: str | int | None) -> int | None:
         raise ValueError(f"budget must be a positive integer or 'full', got {budget!r}") from None
     if b <= 0 or str(b) != str(budget).strip():
         raise ValueError(f"budget must be a positive integer or 'full', got {budget!r}")
+    if b > INT_MAX:
+        raise ValueError(f"budget must be at most {INT_MAX} tokens, got {budget!r}")
     return b
 
 
@@ -101,9 +168,10 @@ def _type_ok(value, annotation) -> bool:
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:  # an integer is a fine float (recent_ratio: 1)
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= INT_MAX
+    if annotation is float:  # an integer is a fine float (recent_ratio: 1); NaN and infinity are not
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= INT_MAX \
+            and math.isfinite(value)
     if annotation is str:
         return isinstance(value, str)
     return True  # containers and other types: left to the method's own validate()
@@ -133,14 +201,37 @@ def check_method(type_name: str, params: dict, name: str | None = None):
     fields = {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
     for key, value in params.items():
         if key in fields and not _type_ok(value, fields[key]):
-            raise ValueError(f"{label}: parameter {key} must be {_type_name(fields[key])}, got {value!r} "
-                             f"({type(value).__name__})")
+            kind = _type_name(fields[key])
+            kind += " (finite, |x| <= 2^31-1)" if kind in ("int", "float") else ""
+            raise ValueError(f"{label}: parameter {key} must be {kind}, got {value!r} ({type(value).__name__})")
     try:
         pol = method_from_config(type_name, params)
         pol.validate(None)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{label}: {e}") from None
+    ignored = [k for k in params if k in (*getattr(cls, "ignored_fields", ()), *IGNORED_FIELDS.get(type_name, ()))]
+    if ignored:
+        warn(f"{label}: {type_name} ignores {', '.join(ignored)} (accepted only because it shares fields with "
+             f"another method)")
     return pol
+
+
+def string_choices(cls, field) -> tuple[str, ...] | None:
+    """Allowed values of a method's str field: the field's metadata `choices`, else what the method's
+    own validate() names when given a value it cannot accept."""
+    if field.metadata.get("choices"):
+        return tuple(field.metadata["choices"])
+    probe = "\x00?"
+    try:
+        cls(**{field.name: probe}).validate(None)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        if field.name in msg:
+            found = [c for c in re.findall(r"'([^']*)'", msg.split("got")[0]) if c != probe]
+            return tuple(dict.fromkeys(found)) or None
+    except Exception:  # noqa: BLE001 - a method that cannot be probed just lists no choices
+        return None
+    return None
 
 
 def _fill_defaults(node, schema, root):
@@ -160,21 +251,78 @@ def _fill_defaults(node, schema, root):
                 _fill_defaults(v, extra, root)
 
 
-def validate_config(cfg) -> dict:
-    import jsonschema
+def _validator(schema):
+    """Draft 2020-12 with strict numbers: `integer` is an int (not 2.0, not a bool), `number` finite."""
+    from jsonschema import Draft202012Validator, validators
 
+    checker = Draft202012Validator.TYPE_CHECKER.redefine_many({
+        "integer": lambda _, x: isinstance(x, int) and not isinstance(x, bool),
+        "number": lambda _, x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x),
+    })
+    return validators.extend(Draft202012Validator, type_checker=checker)(schema)
+
+
+def _check_values(node, where: str = "") -> None:
+    """Every mapping key is text; every integer fits in 31 bits; every float is finite."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            here = f"{where}/{k}" if where else str(k)
+            if not isinstance(k, str):
+                raise ConfigError(f"config key {here!r}: {k!r} is a {type(k).__name__}, not text (YAML reads "
+                                  f"123, 1.5, yes/no, on/off, true/false and null as values): quote it")
+            _check_values(v, here)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_values(v, f"{where}/{i}")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"config key {where!r}: {node!r} is not a finite number")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool) and abs(node) > INT_MAX:
+        raise ConfigError(f"config key {where!r}: {node!r} is too large (at most {INT_MAX})")
+
+
+def _check_names(cfg: dict) -> None:
+    for section in SECTIONS:
+        names = cfg.get(section)
+        if not isinstance(names, dict):
+            continue
+        for name in names:
+            try:
+                check_name(name, section[:-1] if section != "studies" else "study")
+            except ValueError as e:
+                raise ConfigError(f"config key '{section}/{str(name)[:40]}': {e}") from None
+        folded: dict = {}
+        for name in names:
+            folded.setdefault(name.lower(), []).append(name)
+        for same in folded.values():
+            if len(same) > 1:
+                warn(f"config key '{section}': names {same} differ only by case: their result folders collide "
+                     f"on case-insensitive file systems (macOS, Windows)")
+
+
+def validate_config(cfg) -> dict:
     with open(SCHEMA) as f:
         schema = yaml.safe_load(f)
     if not isinstance(cfg, dict):
         raise ConfigError(f"config must be a mapping, got {type(cfg).__name__}")
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
+    _check_values(cfg)
+    _check_names(cfg)
+    errors = sorted(_validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
         raise ConfigError(f"config key {where!r}: {e.message}")
+    _warn_task_params(cfg)  # on the keys the user wrote, before defaults fill every task's section
     _fill_defaults(cfg, schema, schema)
     _check_semantics(cfg)
     return cfg
+
+
+def _warn_task_params(cfg: dict) -> None:
+    for task, params in (cfg.get("tasks") or {}).items():
+        unused = [k for k in params or {} if k not in TASK_USES.get(task, ())]
+        if unused:
+            warn(f"config key 'tasks/{task}': {task} does not use {', '.join(unused)} (it reads "
+                 f"{', '.join(TASK_USES[task])})")
 
 
 def _check_semantics(cfg: dict) -> None:
@@ -186,6 +334,10 @@ def _check_semantics(cfg: dict) -> None:
             raise ConfigError(f"config key 'methods/{name}': {e}") from None
     geoms = _check_models(cfg)
     _check_datasets(cfg)
+    for name, ds in cfg["datasets"].items():
+        if ds.get("n_samples", 4) > MAX_SAMPLES:
+            raise ConfigError(f"config key 'datasets/{name}/n_samples': {ds['n_samples']} documents per cell is "
+                              f"more than {MAX_SAMPLES}")
     for sname, st in cfg["studies"].items():
         for key, pool in (("models", cfg["models"]), ("datasets", cfg["datasets"]), ("methods", cfg["methods"])):
             st.setdefault(key, sorted(pool)) if key != "methods" else None
@@ -216,6 +368,30 @@ def _check_semantics(cfg: dict) -> None:
                                   f"positions of model {model!r} ({g['max_positions']})")
         for ds in st["datasets"]:
             _check_synthetic_lengths(cfg, sname, ds, st["lengths"])
+        _check_target_offsets(cfg, sname, st, geoms)
+        evicting = [m for m in st["methods"] if pols[m].evicts]
+        for b in st["budgets"]:
+            low = [L for L in st["lengths"] if parse_budget(b) is not None and parse_budget(b) >= L]
+            if evicting and low:
+                warn(f"config key 'studies/{sname}/budgets': budget {b} >= length {min(low)}: "
+                     f"{', '.join(evicting)} keep every token there (those cells equal the full cache)")
+        if not study_jobs(cfg, st):
+            warn(f"config key 'studies/{sname}': it plans no job (no dataset of "
+                 f"{st['datasets']} offers tasks {st['tasks']}, or an empty list)")
+
+
+def _check_target_offsets(cfg: dict, sname: str, st: dict, geoms: dict) -> None:
+    """Target tokens take positions target_offset, target_offset + 1, ...: a document of L tokens needs
+    target_offset + L <= the model's maximum positions (translation documents: every task reads them)."""
+    for task in st["tasks"]:
+        off = (cfg.get("tasks") or {}).get(task, {}).get("target_offset", 0)
+        if not off:
+            continue
+        for model in st["models"]:
+            mp = (geoms.get(model) or {}).get("max_positions")
+            if mp and off + max(st["lengths"]) > mp:
+                raise ConfigError(f"config key 'tasks/{task}/target_offset': {off} + length {max(st['lengths'])} "
+                                  f"(study {sname!r}) is past the maximum positions of model {model!r} ({mp})")
 
 
 def _check_models(cfg: dict) -> dict:
@@ -259,7 +435,7 @@ def _check_synthetic_lengths(cfg: dict, study: str, ds_name: str, lengths) -> No
     if ds.get("source", "synthetic") != "synthetic":
         return
     for L in lengths:
-        key = (L, ds.get("n_samples", 4), cfg.get("seed", 0))
+        key = (L, min(ds.get("n_samples", 4), 16), cfg.get("seed", 0))  # a few documents tell
         if L >= 256 or key in _SYNTH_CHECKED:  # a sentence pair is a few dozen tokens at most
             continue
         try:
@@ -326,19 +502,25 @@ def dataset_tasks(cfg: dict, name: str) -> list[str]:
         ds.get("source", "synthetic") == "synthetic" else ["ppl", "latency"]
 
 
-def job_table(cfg: dict) -> list[Job]:
+def study_jobs(cfg: dict, st: dict) -> list[Job]:
+    """The jobs of one (validated) study."""
     from .methods import REGISTRY
 
+    jobs = []
+    for model, task, ds, method, length in itertools.product(
+        st["models"], st["tasks"], st["datasets"], st["methods"], st["lengths"]
+    ):
+        if task not in dataset_tasks(cfg, ds):
+            continue
+        evicts = REGISTRY[cfg["methods"][method]["type"]].evicts
+        budgets = ["full"] if not evicts else [str(b) for b in st["budgets"] if b != "full"]
+        jobs += [Job(model, task, ds, method, int(length), b) for b in budgets]
+    return jobs
+
+
+def job_table(cfg: dict) -> list[Job]:
     jobs: dict[str, Job] = {}
     for st in cfg["studies"].values():
-        for model, task, ds, method, length in itertools.product(
-            st["models"], st["tasks"], st["datasets"], st["methods"], st["lengths"]
-        ):
-            if task not in dataset_tasks(cfg, ds):
-                continue
-            evicts = REGISTRY[cfg["methods"][method]["type"]].evicts
-            budgets = ["full"] if not evicts else [str(b) for b in st["budgets"] if b != "full"]
-            for b in budgets:
-                j = Job(model, task, ds, method, int(length), b)
-                jobs.setdefault(j.path, j)
+        for j in study_jobs(cfg, st):
+            jobs.setdefault(j.path, j)
     return sorted(jobs.values(), key=lambda j: j.path)

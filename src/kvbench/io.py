@@ -1,19 +1,34 @@
-"""Atomic writes: every output appears complete or not at all.
+"""Atomic writes: every output appears complete or not at all, and only replaces its own kind.
 
 Files are written to a temporary name in the destination directory and renamed (os.replace is
 atomic on POSIX within a file system); directories are built under a temporary name and renamed.
 A writer killed with SIGKILL cannot clean up its temporary name (`.tmp-<name>-<random>`): the next
 write of the same output sweeps such leftovers first. An OSError while writing (a full disk, a
 read-only folder) is re-raised naming the destination.
+
+Nothing else is ever replaced: a directory output (`atomic_dir`) replaces only an empty folder or a
+previous build of the same kind (its marker file, `.kvbench_dir`, names the kind), and a file output
+replaces only a file its `owned` check recognises. Anything else at the path is an OutputError
+(one line, before any work): `--out resources/models/` or `--out .` never wipe a folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import tempfile
+from typing import Callable
+
+MARKER = ".kvbench_dir"  # {"kind": ...}: written into every directory atomic_dir builds
+# folders kvbench built before the marker existed, recognised by the files each kind always holds
+_LEGACY = {"model": ("kvbench_source.json", "build_info.json")}
+
+
+class OutputError(ValueError):
+    """An output path that must not be written (it holds something kvbench did not build)."""
 
 
 def _sweep(path: str, suffix: str = "") -> None:
@@ -40,10 +55,69 @@ def _named(e: OSError, path: str) -> OSError:
     return err
 
 
+def dir_kind(path: str) -> str | None:
+    """The kind of kvbench build at `path` ('model', ...), '' for an empty folder, None otherwise."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return None
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return None
+    if not names:
+        return ""
+    try:
+        with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+            return str(json.load(f)["kind"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for kind, files in _LEGACY.items():
+        if any(n in names for n in files):
+            return kind
+    return None
+
+
+def check_out_dir(path: str, kind: str, option: str = "--out") -> None:
+    """OutputError unless `path` is free for a directory output of `kind`: absent, an empty folder,
+    or a previous build of the same kind. Call it before any work; atomic_dir calls it again."""
+    p = os.path.abspath(path)
+    if os.path.dirname(p) == p:
+        raise OutputError(f"{option} {path!r} is the file system root; give a new folder for the {kind}")
+    if os.path.islink(p):
+        raise OutputError(f"{option} {path!r} is a symbolic link; give the folder itself (or a new folder)")
+    if not os.path.lexists(p):
+        return
+    if not os.path.isdir(p):
+        raise OutputError(f"{option} {path!r} exists and is not a folder; refusing to replace it")
+    found = dir_kind(p)
+    if found not in ("", kind):
+        what = f"a {found} build" if found else f"not a kvbench {kind} build (no {MARKER})"
+        raise OutputError(f"{option} {path!r} is an existing folder, {what}; refusing to replace it: "
+                          f"give a new folder (or remove it yourself)")
+    cwd = os.path.abspath(os.getcwd())
+    if cwd == p or cwd.startswith(p + os.sep):
+        raise OutputError(f"{option} {path!r} contains the working directory; refusing to replace it")
+
+
+def check_out_file(path: str, owned: Callable[[str], bool] | None = None, what: str = "output",
+                   option: str = "--out") -> None:
+    """OutputError unless `path` is free for a file output: absent, or a file `owned` recognises as a
+    previous output of the same kind (no `owned`: any regular file)."""
+    p = os.path.abspath(path)
+    if os.path.isdir(p):
+        raise OutputError(f"{option} {path!r} is an existing folder; give a file name for the {what}")
+    if os.path.lexists(p) and not os.path.isfile(p):
+        raise OutputError(f"{option} {path!r} exists and is not a regular file; refusing to replace it")
+    if os.path.isfile(p) and owned is not None and not owned(p):
+        raise OutputError(f"{option} {path!r} exists and is not a kvbench {what}; refusing to replace it: "
+                          f"give another name (or remove it yourself)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
-    """Yield a temporary file path next to `path`; on success rename it to `path`."""
+    """Yield a temporary file path next to `path`; on success rename it to `path`. `path` may not be
+    an existing folder (OutputError before anything is written)."""
     d = os.path.dirname(os.path.abspath(path))
+    check_out_file(path, what="file", option="output")
     try:
         os.makedirs(d, exist_ok=True)
         _sweep(path, suffix)
@@ -69,23 +143,38 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str):
-    """Yield a temporary directory next to `path`; on success it replaces `path`."""
+def atomic_dir(path: str, kind: str = "model"):
+    """Yield a temporary directory next to `path`; on success it replaces `path`, which may only be
+    absent, an empty folder or a previous build of the same `kind` (else OutputError, checked before
+    the yield and again before the swap). The new folder carries the marker naming its kind."""
+    check_out_dir(path, kind)
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    _sweep(path)
-    shutil.rmtree(path + ".old", ignore_errors=True)  # left by a writer killed between its two renames
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=os.path.dirname(path))
+    d = os.path.dirname(path)
+    try:
+        os.makedirs(d, exist_ok=True)
+        _sweep(path)
+        old = path + ".old"  # left by a writer of the old layout killed between its two renames
+        if dir_kind(old) == kind:
+            shutil.rmtree(old, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
+    except OSError as e:
+        raise _named(e, path) from e
     try:
         yield tmp
-        if os.path.isdir(path):
-            old = path + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+            json.dump({"kind": kind}, f)
+        check_out_dir(path, kind)  # nothing else appeared there while we worked
+        try:
+            if os.path.isdir(path):
+                # the previous build moves to a temp name (swept if we die before removing it)
+                old = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except OSError as e:
+            raise _named(e, path) from e
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

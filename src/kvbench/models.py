@@ -7,8 +7,11 @@
                           latency only: quality columns are flagged not meaningful)
 
 `build_model(source, out)` materialises any source as a normal HF folder at `out` with a
-`kvbench_source.json` beside the weights; `load_model(dir)` loads it with safetensors only and no
-remote code unless the config asks for it.
+`kvbench_source.json` beside the weights; `out` may only be new, empty or a previous model build
+(kvbench.io.atomic_dir), and a local or downloaded folder is checked before it is kept (config.json
+readable, tokenizer, safetensors weights that match the config). `load_model(dir)` loads it with
+safetensors only and no remote code unless the config asks for it, and refuses weights that do not
+match the config (missing, unexpected or resized tensors would be randomly initialised).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 
-from .io import atomic_dir, atomic_write_text
+from .io import atomic_dir, atomic_write_text, check_out_dir
 
 SCHEMES = ("builtin", "path", "hub", "random")
 
@@ -52,11 +56,24 @@ def check_dtype(dtype: str) -> None:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
 
 
-def check_device(device: str) -> None:
-    """auto | cpu | cuda | cuda:<index> | mps (checked before anything is loaded)."""
+def check_device(device: str, available: bool = False) -> None:
+    """auto | cpu | cuda | cuda:<index> | mps (checked before anything is loaded); with `available`,
+    the device must also exist on this machine (a config is validated where it may not)."""
     base, _, index = str(device).partition(":")
     if base not in ("auto", "cpu", "cuda", "mps") or (index and (base != "cuda" or not index.isdigit())):
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
+    if not available or base in ("auto", "cpu"):
+        return
+    import torch
+
+    if base == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine; use --device cpu (or auto)")
+        if index and int(index) >= n:
+            raise ValueError(f"device {device!r}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    elif not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: MPS (Apple GPU) is not available on this machine; use --device cpu")
 
 
 def _geometry(cfg: dict) -> dict:
@@ -91,6 +108,71 @@ def folder_geometry(model_dir: str) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"{p}: not a model config (a JSON object)")
     return _geometry(cfg)
+
+
+def _weight_shapes(model_dir: str) -> dict[str, tuple]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            p = os.path.join(model_dir, name)
+            try:
+                with safe_open(p, "pt") as f:
+                    for k in f.keys():
+                        shapes[k] = tuple(f.get_slice(k).get_shape())
+            except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name it
+                raise ValueError(f"{p}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return shapes
+
+
+def _describe(problems: dict[str, list]) -> str:
+    parts = []
+    for what, keys in problems.items():
+        if keys:
+            keys = sorted(keys)
+            parts.append(f"{len(keys)} {what} ({', '.join(map(str, keys[:3]))}{', ...' if len(keys) > 3 else ''})")
+    return "; ".join(parts)
+
+
+def check_model_folder(model_dir: str, trust_remote_code: bool = False) -> None:
+    """A Hugging Face folder kvbench can load, checked without loading the weights: config.json is a
+    config transformers reads, a tokenizer loads, there are safetensors weights, and their tensor
+    names and shapes are exactly those the config builds (on the meta device: no memory used).
+    ValueError naming the folder and the problem."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder_geometry(model_dir)  # config.json: readable JSON object
+    try:
+        cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{os.path.join(model_dir, 'config.json')}: not a model config transformers reads "
+                         f"({type(e).__name__}: {e})") from None
+    try:
+        AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{model_dir!r}: no usable tokenizer ({type(e).__name__}: {e})") from None
+    have = _weight_shapes(model_dir)
+    if not have:
+        raise ValueError(f"{model_dir!r} has no *.safetensors weights (kvbench loads safetensors only)")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{os.path.join(model_dir, 'config.json')}: cannot build a causal LM from it "
+                         f"({type(e).__name__}: {e})") from None
+    if getattr(model, "_checkpoint_conversion_mapping", None):
+        return  # checkpoint names are renamed while loading: load_model checks those
+    state = model.state_dict()
+    want = {k: tuple(v.shape) for k, v in state.items()}
+    # tied weights appear once in named_parameters (e.g. lm_head = embeddings): either name will do
+    required = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers() if n in state}
+    problems = {"missing tensors": required - set(have), "unexpected tensors": set(have) - set(want),
+                "tensors of another shape": {f"{k} {have[k]} vs {want[k]}" for k in set(have) & set(want)
+                                             if have[k] != want[k]}}
+    if any(problems.values()):
+        raise ValueError(f"{model_dir!r}: the weights do not match config.json: {_describe(problems)}")
 
 
 def parse_source(source: str) -> tuple[str, str, str | None]:
@@ -151,9 +233,24 @@ def _random_model(arch: str, tmp: str, seed: int) -> None:
     build_tokenizer().save_pretrained(tmp)
 
 
+def _check_build(scheme: str, name: str, out: str, steps, log) -> None:
+    """Everything build_model can check before it starts (a build may train for minutes)."""
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"--steps must be an integer >= 1, got {steps!r}")
+    check_out_dir(out, "model")
+    if steps is not None and scheme != "builtin":
+        print(f"warning: --steps {steps} is ignored: only builtin: models are trained here", file=log)
+    if scheme == "path":
+        src, dst = os.path.realpath(name), os.path.realpath(out)
+        if src != dst and (dst.startswith(src + os.sep) or src.startswith(dst + os.sep)):
+            raise ValueError(f"--out {out!r} and the source folder {name!r} lie inside one another")
+        check_model_folder(name)
+
+
 def build_model(source: str, out: str, seed: int = 0, steps: int | None = None, log=None,
                 retrain: bool = False) -> dict:
     scheme, name, rev = parse_source(source)
+    _check_build(scheme, name, out, steps, log if log is not None else sys.stderr)
     info = {"source": source, "scheme": scheme, "quality_meaningful": scheme != "random"}
     if scheme == "builtin":
         from .builtin import build
@@ -165,15 +262,16 @@ def build_model(source: str, out: str, seed: int = 0, steps: int | None = None, 
     elif scheme == "hub":
         from huggingface_hub import snapshot_download
 
-        try:
-            with atomic_dir(out) as tmp:
+        with atomic_dir(out) as tmp:
+            try:
                 snapshot_download(repo_id=name, revision=rev, local_dir=tmp,
                                   allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
-        except Exception as e:  # offline, unknown repo, no network: say what to do instead
-            raise SourceError(
-                f"could not download {name}@{rev} from the hub ({type(e).__name__}: {e}). "
-                f"Without network (or with HF_HUB_OFFLINE=1) download it elsewhere and use path:<dir>"
-            ) from e
+            except Exception as e:  # offline, unknown repo, no network: say what to do instead
+                raise SourceError(
+                    f"could not download {name}@{rev} from the hub ({type(e).__name__}: {e}). "
+                    f"Without network (or with HF_HUB_OFFLINE=1) download it elsewhere and use path:<dir>"
+                ) from e
+            check_model_folder(tmp)  # before it replaces anything
     else:
         with atomic_dir(out) as tmp:
             _random_model(name, tmp, seed)
@@ -190,13 +288,30 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32", trus
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"no model at {model_dir!r} (missing config.json); run build-model first")
     check_dtype(dtype)
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the load report: its problems become our one-line error below
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # no carriage-return bars in job logs
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        model, loading = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except Exception as e:  # noqa: BLE001 - corrupt weights, bad config, missing tokenizer: name the folder
         raise ValueError(f"cannot load the model in {model_dir!r} ({type(e).__name__}: {e})") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    problems = {"missing tensors (would be randomly initialised)": loading.get("missing_keys"),
+                "unexpected tensors": loading.get("unexpected_keys"),
+                "tensors of another shape": loading.get("mismatched_keys"),
+                "load errors": loading.get("error_msgs")}
+    if any(problems.values()):
+        raise ValueError(f"the weights in {model_dir!r} do not match its config.json: {_describe(problems)}")
     model = model.to(device).eval()
     p = os.path.join(model_dir, "kvbench_source.json")
     info = json.load(open(p)) if os.path.exists(p) else {"source": f"path:{model_dir}", "quality_meaningful": True}
@@ -210,6 +325,5 @@ def resolve_device(device: str) -> str:
     check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    check_device(device, available=True)
     return device

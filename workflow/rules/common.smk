@@ -22,8 +22,9 @@ from kvbench.config import load_yaml  # noqa: E402
 for _configfile in workflow.configfiles:
     load_yaml(str(_configfile))
 
-validate(config, "../schemas/config.schema.yaml")
+# ours first: names that are path components (no `..`), strict numbers, errors naming the key
 validate_config(config)
+validate(config, "../schemas/config.schema.yaml")
 
 JOBS = job_table(config)
 USE_GPU = config.get("device", "auto") == "cuda"
@@ -55,9 +56,9 @@ FIGURES = [
 wildcard_constraints:
     length=r"\d+",
     budget=r"full|\d+",
-    model=r"[A-Za-z0-9_.-]+",
-    dataset=r"[A-Za-z0-9_.-]+",
-    method=r"[A-Za-z0-9_.-]+",
+    model=r"[A-Za-z0-9_][A-Za-z0-9_.-]*",
+    dataset=r"[A-Za-z0-9_][A-Za-z0-9_.-]*",
+    method=r"[A-Za-z0-9_][A-Za-z0-9_.-]*",
     name="|".join(FIGURE_TASKS),
 
 
