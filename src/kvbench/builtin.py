@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import layout, synth
-from .io import atomic_dir
+from .io import MARKER, atomic_dir
 
 RECIPES = {
     # name -> training recipe; "tiny-synth" is the real one, "micro-synth" is for fast tests only
@@ -275,9 +275,9 @@ def ship(model_dir: str, name: str, commit: str, dest_root: str = SHIPPED) -> st
     if not info.get("complete") or info.get("builtin") != name:
         raise ValueError(f"{model_dir} is not a complete training run of builtin:{name}")
     dest = os.path.join(dest_root, name)
-    with atomic_dir(dest) as tmp:
+    with atomic_dir(dest, kind="shipped-model") as tmp:
         files = sorted(f for f in os.listdir(model_dir) if os.path.isfile(os.path.join(model_dir, f))
-                       and f not in ("kvbench_source.json", "build_info.json"))
+                       and f not in ("kvbench_source.json", "build_info.json", MARKER))
         for f in files:
             shutil.copy2(os.path.join(model_dir, f), os.path.join(tmp, f))
         with open(os.path.join(tmp, "build_info.json"), "w") as fh:
@@ -311,7 +311,7 @@ def build(name: str, out: str, seed: int = 0, steps: int | None = None, retrain:
               f"--seed {seed} applies to data only; build with --train to train with seed {seed}", file=log)
     with atomic_dir(out) as tmp:
         for f in os.listdir(src):
-            if f != CHECKSUMS:
+            if f not in (CHECKSUMS, MARKER):
                 shutil.copy2(os.path.join(src, f), os.path.join(tmp, f))
     print(f"builtin:{name}: copied the shipped weights (sha256 checked) from {src}", file=log)
     return {**info, "shipped": True}
