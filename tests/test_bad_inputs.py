@@ -295,8 +295,9 @@ class Case:
     one_line: bool = True
     setup: Callable | None = None  # Workspace -> None: writes the case's inputs before the driver runs
     ok: Callable | None = None  # a case that must succeed: (Workspace, report) -> None checks its output
-    needs: str | None = None  # "ro" or "tmpfs": skipped where that mount is unavailable
+    needs: str | None = None  # "ro", "tmpfs", "nocuda", "nomps": skipped where unavailable
     new_ok: Callable = field(default=lambda p: False)  # new paths allowed (resume state of a failed job)
+    check: Callable | None = None  # output -> None: further checks of a failure's message
 
 
 CASES: list[Case] = []
@@ -631,6 +632,274 @@ case("aggregate_head_profile_missing_columns",
      "bad.parquet", "type", setup=lambda w: _profile_parquet(w, "cases/agg_heads/bad.parquet", drop=("kv_type", "type")))
 
 
+def _must(cond, what, rep):
+    assert cond, f"missing {what!r} in:\n{rep['output'][-3000:]}"
+
+
+def _says(*needles):
+    """ok-check: the output names every needle (whitespace as argparse wraps it does not matter)."""
+    def ok(w, rep):
+        text = " ".join(rep["output"].split())
+        for n in needles:
+            _must(n in text, n, rep)
+    return ok
+
+
+# ----------------------------------------------------------------------------- issue #17: nothing lost, nothing silently wrong
+# Each case below stands for a class of inputs (the comment says which); the catalogue's checks apply
+# to all of them: a one-line message naming the problem, results/ and resources/ byte-identical.
+
+# ---- data loss: an output path holding something that is not a previous output of the same kind
+SRC_MODEL = "cases/srcmodel"  # a good model folder to build from (path:)
+
+
+def _prev_build(w):
+    """A previous build of a model at cases/rebuilt/micro (a stale extra file shows it is replaced)."""
+    shutil.copytree(w.path(MODEL_REL), w.path("cases/rebuilt/micro"))
+    w.write("cases/rebuilt/micro/kvbench_source.json", json.dumps({"source": "path:old"}))
+    w.write("cases/rebuilt/micro/stale.txt", "from the previous build")
+
+
+def _rebuilt_ok(w, rep):
+    d = w.path("cases/rebuilt/micro")
+    assert not os.path.exists(os.path.join(d, "stale.txt")), "the previous build was not replaced"
+    assert os.path.exists(os.path.join(d, ".kvbench_dir")) and os.path.exists(os.path.join(d, "config.json"))
+    assert json.load(open(os.path.join(d, "kvbench_source.json")))["source"] == f"path:{SRC_MODEL}"
+
+
+for _id, _out in [("models_folder", "resources/models/"), ("working_directory", "."), ("results_folder", "results"),
+                  ("data_folder", "resources/data"), ("existing_file", DATA_REL), ("parent_of_cwd", "..")]:
+    case(f"build_model_out_is_{_id}", lambda w, o=_out: ["build-model", f"path:{SRC_MODEL}", "--out", o],
+         "--out", "refusing to replace")
+case("build_model_out_is_not_a_build_before_training", lambda w: ["build-model", "builtin:micro-synth", "--out",
+                                                                   "resources"], "'resources'", "refusing to replace")
+case("build_model_out_inside_its_source", lambda w: ["build-model", f"path:{MODEL_REL}", "--out", f"{MODEL_REL}/copy"],
+     "inside one another")
+case("build_model_replaces_a_previous_build", lambda w: ["build-model", f"path:{SRC_MODEL}", "--out",
+                                                         "cases/rebuilt/micro"], setup=_prev_build, ok=_rebuilt_ok)
+# eval/profile/make-data: --out may be new or a previous output of the same command, nothing else
+case("eval_out_is_a_folder", lambda w: w.eval(out="results/raw"), "results/raw", "folder")
+case("eval_out_is_the_data_file", lambda w: w.eval(out=DATA_REL), "--out", "L128.jsonl")
+case("eval_out_is_another_parquet", lambda w: w.eval(out=PROF_OTHER_SHAPE), "other.parquet", "refusing to replace")
+case("eval_out_is_a_model_file", lambda w: w.eval(out=f"{MODEL_REL}/model.safetensors"), "model.safetensors")
+case("eval_sidecar_holds_foreign_files", lambda w: w.eval(out="results/raw/foreign/L128_Bfull.parquet"),
+     "foreign/L128_Bfull.parquet.partial", "notes.txt",
+     setup=lambda w: w.write("results/raw/foreign/L128_Bfull.parquet.partial/notes.txt", "mine"))
+case("profile_out_is_a_folder", lambda w: ["profile", "--model", MODEL_REL, "--out", "results"], "'results'", "folder")
+case("profile_out_is_an_eval_result", lambda w: ["profile", "--model", MODEL_REL, "--out", RAW_REL],
+     "L128_Bfull.parquet", "refusing to replace")
+case("make_data_out_is_a_folder", lambda w: ["make-data", "--dataset-json", '{"source": "synthetic"}', "--length",
+                                             "128", "--out", "resources/data/micro"], "resources/data/micro", "folder")
+case("make_data_out_is_a_result", lambda w: ["make-data", "--dataset-json", '{"source": "synthetic"}', "--length",
+                                             "128", "--out", "results/raw/x.jsonl"], "x.jsonl", "refusing to replace",
+     setup=lambda w: w.write("results/raw/x.jsonl", "not documents\n"))
+
+
+# ---- names that become path components (a model named `..` once deleted resources/)
+def _rename(section: str, old: str, new: str, study_key: str | None = None):
+    def fn(c):
+        c[section] = {(new if k == old else k): v for k, v in c[section].items()}
+        if study_key:
+            for st in c["studies"].values():
+                if old in st.get(study_key, []):
+                    st[study_key] = [new if x == old else x for x in st[study_key]]
+    return _mut(fn)
+
+
+LONG = "m" * 300
+NAME_CASES = [
+    ("model_named_dotdot", _rename("models", "micro", ".."), ("'..'", "folder name")),
+    ("model_named_dot", _rename("models", "micro", "."), ("'.'", "folder name")),
+    ("model_name_with_space", _rename("models", "micro", "my model"), ("my model",)),
+    ("dataset_named_dotdot", _rename("datasets", "synth", ".."), ("datasets", "'..'")),
+    ("method_named_dotdot", _rename("methods", "full", "..", "methods"), ("methods", "'..'")),
+    ("method_name_starting_with_dash", _rename("methods", "full", "-full", "methods"), ("'-full'",)),
+    ("study_named_dotdot", _rename("studies", "oracle", ".."), ("studies", "'..'")),
+    ("method_name_300_characters", _rename("methods", "full", LONG, "methods"), ("300 characters",)),
+    ("yaml_key_read_as_number", lambda: _base_text().replace("  full: {type: full}", "  123: {type: full}"),
+     ("123", "quote")),
+    ("yaml_key_read_as_boolean", lambda: _base_text().replace("  oracle:\n", "  no:\n", 1), ("'no'", "bool", "quote")),
+    # numbers: integers are integers (not 2.0), below 2^31, and floats are finite
+    ("n_samples_float", _set("datasets/synth/n_samples", 2.0), ("n_samples", "2.0")),
+    ("chunk_size_float", _set("chunk_size", 32.0), ("chunk_size", "32.0")),
+    ("wait_k_float", _set("tasks/translate_stream", {"wait_k": 5.0}), ("wait_k", "5.0")),
+    ("n_sink_float", _set("methods/sink4/n_sink", 4.0), ("sink4", "n_sink")),
+    ("share_nan", _add_method("ha_nan", {"type": "head_aware", "share_local": float("nan")}), ("share_local", "nan")),
+    ("recent_ratio_infinite", _set("methods/h2o/recent_ratio", float("inf")), ("recent_ratio", "inf")),
+    ("seed_2_to_the_70", _set("seed", 2**70), ("seed", str(2**70))),
+    ("seed_negative", _set("seed", -1), ("seed", "-1")),
+    ("budget_2_to_the_70", _set("studies/long_sequences/budgets", [2**70]), ("budgets", str(2**70))),
+    ("length_2_to_the_70", _set("studies/oracle/lengths", [2**70]), ("lengths", str(2**70))),
+    ("n_samples_huge", _set("datasets/synth/n_samples", 10**9), ("n_samples", str(10**9))),
+    ("target_offset_past_positions", _set("tasks/translate_stream", {"target_offset": 5000}),
+     ("target_offset", "5000", "positions")),
+    ("aggregate_unknown_key", _set("aggregate", {"n_resampels": 10}), ("aggregate", "n_resampels")),
+]
+CONFIG_CASES += NAME_CASES
+for _id, _make, _needles in NAME_CASES:
+    _cfg_case(_id, _make, _needles)
+
+
+# ---- soft problems: the command succeeds, with one warning line each (and changes nothing)
+def _warns(*needles, count_once=True):
+    def ok(w, rep):
+        out = rep["output"]
+        for n in needles:
+            assert n in out, f"no warning naming {n!r}:\n{out[-3000:]}"
+        lines = [line for line in out.splitlines() if line.startswith("warning:")]
+        assert lines, out[-3000:]
+        if count_once:
+            assert len(lines) == len(set(lines)), f"a warning repeated:\n{out}"
+        assert "\r" not in out, "carriage-return progress bars in a non-terminal log"
+    return ok
+
+
+def _warn_case(id_, make, *needles):
+    rel = f"cases/{id_}/warn.yaml"
+    case(f"validate_{id_}", lambda w: ["validate", rel], setup=lambda w: w.write(rel, make()), ok=_warns(*needles))
+
+
+_warn_case("budget_at_or_above_length", _set("studies/long_sequences/budgets", [32, 192]), "budget 192 >= length")
+
+
+def _no_job_study(c):
+    c["datasets"]["synth_ppl"] = {"source": "synthetic", "n_samples": 2, "tasks": ["ppl"]}
+    c["studies"]["nothing"] = {"tasks": ["translate_batch"], "datasets": ["synth_ppl"], "methods": ["full"],
+                               "lengths": [128]}
+
+
+_warn_case("study_plans_no_jobs", _mut(_no_job_study), "'studies/nothing'", "no job")
+_warn_case("method_names_differ_only_by_case", _set("methods/Full", {"type": "full"}), "differ only by case")
+_warn_case("uniform_share_fields", _set("methods/uni", {"type": "uniform", "share_local": 0.2}),
+           "uniform ignores share_local")
+_warn_case("task_parameter_of_another_task", _set("tasks/ppl", {"n_decode": 8}), "'tasks/ppl'", "n_decode")
+# the documented `aggregate: {n_resamples, seed}` section is accepted
+case("validate_aggregate_options_are_accepted", lambda w: ["validate", "cases/agg_opts/ok.yaml"],
+     setup=lambda w: w.write("cases/agg_opts/ok.yaml", _set("aggregate", {"n_resamples": 10, "seed": 1})()),
+     ok=lambda w, rep: _must("valid" in rep["output"], "valid", rep))
+# one eval run with three soft problems: --param overriding --params-json, a budget above the length, and
+# a task parameter the task does not read (its log: plain progress lines, no carriage returns)
+case("eval_warnings_param_override_budget_above_length_wrong_task_param",
+     lambda w: w.eval("--params-json", '{"n_sink": 4}', "--param", "n_sink=2", "--task-param", "n_decode=7",
+                      "--max-samples", "1", method="sink4", type_="streaming_llm", budget="200",
+                      out="cases/warn_eval/L128_B200.parquet"),
+     ok=_warns("--param n_sink=2 overrides n_sink=4", "budget 200 >= length 128", "n_decode=7 is ignored"))
+
+# ---- plausible rows that would be wrong (exit 0 before): now clear errors before any work
+MISMATCH = "cases/mismatch"  # config.json says 5 layers, the weights hold 4
+SHORTPOS = "cases/shortpos"  # max_position_embeddings 160 (RoPE weights do not depend on it)
+
+
+def _model_variants(w):
+    for rel, change in ((MISMATCH, {"num_hidden_layers": 5}), (SHORTPOS, {"max_position_embeddings": 160}),
+                        ("cases/widemodel", {"intermediate_size": 256})):
+        shutil.copytree(w.path(MODEL_REL), w.path(rel))
+        p = w.path(f"{rel}/config.json")
+        cfg = json.load(open(p))
+        cfg.update(change)
+        json.dump(cfg, open(p, "w"))
+    shutil.copytree(w.path(MODEL_REL), w.path("cases/corruptcfg"))
+    w.write("cases/corruptcfg/config.json", '{"model_type": "llama", "hidden_size": ')
+    shutil.copytree(w.path(MODEL_REL), w.path("cases/listcfg"))
+    w.write("cases/listcfg/config.json", "[1, 2]")
+
+
+for _b in ["256", "64"]:  # the data was built for 128
+    case(f"eval_length_does_not_match_data[{_b}]", lambda w, b=_b: w.eval(length=b), "built for length 128",
+         f"--length {_b}")
+for _b in ["-5", "0"]:
+    case(f"eval_length_not_positive[{_b}]", lambda w, b=_b: w.eval(length=b), "--length", _b, one_line=False)
+
+
+def _long_doc(docs):
+    docs[1]["source"] = " ".join([docs[1]["source"]] * 8)
+
+
+def _long_doc_unlabelled(docs):
+    _long_doc(docs)
+    for d in docs:
+        d.pop("length"), d.pop("n_tokens")
+
+
+_data_case("eval_document_far_longer_than_its_length", _long_doc, "document 1", "far more than --length 128")
+_data_case("eval_unlabelled_document_far_longer_than_length", _long_doc_unlabelled, "document 1", "--length 128")
+_data_case("eval_document_claims_more_tokens_than_length", _set_doc(0, n_tokens=4000), "document 0", "4000")
+case("eval_model_config_disagrees_with_weights", lambda w: w.eval(model=MISMATCH), "mismatch", "missing tensors",
+     "model.layers.4")
+case("eval_model_config_disagrees_with_weight_shapes", lambda w: w.eval(model="cases/widemodel"), "widemodel")
+case("eval_decoding_past_max_positions", lambda w: w.eval("--task-param", "n_decode=120", task="latency",
+                                                          model=SHORTPOS), "positions", "160")
+case("eval_target_offset_past_max_positions", lambda w: w.eval("--task-param", "target_offset=100",
+                                                               task="translate_stream", model=SHORTPOS),
+     "positions", "160")
+case("eval_target_offset_far_past_positions", lambda w: w.eval("--task-param", "target_offset=10000",
+                                                               task="translate_stream"), "positions", "4096")
+case("build_model_path_with_corrupt_config", lambda w: ["build-model", "path:cases/corruptcfg", "--out",
+                                                        "resources/models/new"], "corruptcfg", "config.json")
+case("build_model_path_with_config_not_an_object", lambda w: ["build-model", "path:cases/listcfg", "--out",
+                                                              "resources/models/new"], "listcfg", "config.json")
+case("build_model_path_config_disagrees_with_weights", lambda w: ["build-model", f"path:{MISMATCH}", "--out",
+                                                                  "resources/models/new"], "mismatch",
+     "do not match config.json")
+
+# ---- late errors and tracebacks: now one line, before any model load (BAD has corrupt weights)
+for _id, _extra, _needles in [
+    ("seed_2_to_the_70", ("--seed", str(2**70)), ("--seed", str(2**70))),
+    ("seed_negative", ("--seed", "-3"), ("--seed",)),
+    ("chunk_size_huge", ("--chunk-size", str(2**40)), ("chunk_size",)),
+    ("param_float_for_int", ("--param", "n_sink=4.0"), ("n_sink", "4.0")),
+    ("param_nan", ("--param", "n_sink=NaN"), ("n_sink", "nan")),
+    ("task_param_float", ("--task-param", "wait_k=5.0"), ("wait_k", "5.0")),
+    ("task_param_2_to_the_70", ("--task-param", f"wait_k={2**70}"), ("wait_k", str(2**70))),
+    ("param_empty_key", ("--param", "=4"), ("key=value",)),
+    ("method_name_dotdot", ("--method", ".."), ("--method", "'..'")),
+    ("model_name_with_slash", ("--model-name", "a/b"), ("--model-name", "a/b")),
+    ("method_name_300_characters", ("--method", LONG), ("--method", "300 characters")),
+]:
+    case(f"before_load_{_id}", lambda w, e=_extra: w.eval(*e, method="sink4", type_="streaming_llm", budget="32",
+                                                          model=BAD), *_needles, one_line=False)
+case("before_load_budget_2_to_the_70", lambda w: w.eval(method="sink4", type_="streaming_llm", budget=str(2**70),
+                                                        model=BAD), "budget", str(2**70))
+case("before_load_steps_zero", lambda w: ["build-model", "builtin:micro-synth", "--out", "resources/models/x",
+                                          "--steps", "0"], "steps", one_line=False)
+case("before_load_profile_n_prompts_huge", lambda w: ["profile", "--model", BAD, "--out", "results/heads/x.parquet",
+                                                      "--n-prompts", str(10**9)], "n_prompts", one_line=False)
+case("before_load_cuda_missing", lambda w: w.eval("--device", "cuda", model=BAD), "cuda", "not available",
+     needs="nocuda")
+case("before_load_mps_missing", lambda w: w.eval("--device", "mps", model=BAD), "mps", "not available", needs="nomps")
+_data_case("before_load_source_is_a_number", _set_doc(1, source=12345), "document 1", "source", "12345", model=BAD)
+_data_case("before_load_source_is_null", _set_doc(0, source=None), "document 0", "source", "None", model=BAD)
+_data_case("before_load_target_is_a_number", _set_doc(0, target=7), "document 0", "target", model=BAD,
+           task="translate_stream")
+
+
+def _unknown_words(docs):
+    for d in docs:
+        d["source"] = d["source"] + " zzqx qqzv zzqx"
+
+
+def _once(*words):
+    def check(output):
+        for word in words:
+            assert output.count(repr(word)) == 1, f"{word!r} not reported exactly once:\n{output}"
+    return check
+
+
+_data_case("before_load_unknown_words", _unknown_words, "not in the builtin model's vocabulary", "'zzqx'", "'qqzv'",
+           model=BAD)
+CASES[-1].check = _once("zzqx", "qqzv")
+case("before_load_data_is_a_folder", lambda w: w.eval(data="resources/data", model=BAD), "resources/data", "folder")
+case("before_load_model_is_a_file", lambda w: w.eval(model=DATA_REL), "L128.jsonl")
+
+# ---- newcomer friction: help that says what options mean; methods list allowed values
+case("help_eval", lambda w: ["eval", "--help"], ok=_says("tokens per (layer, KV head)", "'full'", "keeps every token",
+                                                          "translate_batch", "cuda:<index>", "prefill chunk", "wait_k"))
+case("help_profile", lambda w: ["profile", "--help"], ok=_says("--n-prompts", "probe prompts", "default: 8"))
+case("methods_list_allowed_values", lambda w: ["methods"], ok=_says("cache, original)", "one of: window, h2o",
+                                                                   "accepted, ignored"))
+
+
+
 # ----------------------------------------------------------------------------- running the cases
 def _can_mount() -> bool:
     return os.geteuid() == 0 and shutil.which("mount") is not None
@@ -676,12 +945,17 @@ def cli_report(tmp_path_factory, finished, tiny_model_dir):
     with open(w.path(f"{BAD}/model.safetensors"), "wb") as f:
         f.write(b"not safetensors")
     _profiles(w)
+    shutil.copytree(tiny_model_dir, w.path(SRC_MODEL))
+    _model_variants(w)
     os.makedirs(w.path(RO))
     shutil.copyfile(w.raw, w.path(f"{RO}/L128_Bfull.parquet"))
     for c in CASES:
         if c.setup:
             c.setup(w)
-    available = {"ro": _read_only(w.path(RO)), "tmpfs": _full_disk(w)}
+    import torch
+
+    available = {"ro": _read_only(w.path(RO)), "tmpfs": _full_disk(w), "nocuda": not torch.cuda.is_available(),
+                 "nomps": not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
     run = [c for c in CASES if not c.needs or available[c.needs]]
     spec = [dict(id=c.id, argv=[str(a) for a in c.argv(w)], cwd=w.root,
                  tops=list(TOPS) + ([FULL] if c.needs == "tmpfs" else [])) for c in run]
@@ -710,13 +984,15 @@ def cli_report(tmp_path_factory, finished, tiny_model_dir):
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_cli_case(cli_report, c):
     if c.id in cli_report["skipped"]:
-        pytest.skip(f"needs a {c.needs} mount (root and mount)")
+        pytest.skip(f"needs {c.needs} (a mount: root and mount; nocuda/nomps: a machine without that device)")
     rep = cli_report["report"][c.id]
     if c.ok:
         assert rep["rc"] == 0, rep["output"][-3000:]
         c.ok(cli_report["ws"], rep)
     else:
         _check_failure(rep["output"], rep["rc"], c.needles, c.one_line)
+        if c.check:
+            c.check(rep["output"])
     _check_untouched(rep["changed"], [p for p in rep["new"] if not c.new_ok(p)])
     if c.needs == "tmpfs":  # nothing half-written left on the full disk
         assert not [p for p in rep["new"] if os.path.basename(p).startswith(".tmp-")]
@@ -727,7 +1003,7 @@ def test_cli_case(cli_report, c):
 # of them also go through `kvbench validate` above): schema errors, source parsing, method fields,
 # model positions, Snakemake's own YAML errors, and duplicate keys (which its loader would accept).
 SNAKEMAKE_CASES = ["unknown_method_type", "hub_source_without_revision", "wrong_type_method_parameter",
-                   "length_beyond_model_positions", "duplicate_study_name", "malformed_yaml"]
+                   "length_beyond_model_positions", "duplicate_study_name", "malformed_yaml", "model_named_dotdot"]
 
 
 @pytest.fixture(scope="session")
@@ -807,3 +1083,94 @@ def test_builtin_geometry_matches_the_builtin_model():
 
 def test_catalogue_size():
     assert len(CASES) + len(SNAKEMAKE_CASES) >= 25
+
+
+def test_ctrl_c_ends_in_one_line(tmp_path, finished, tiny_model_dir, monkeypatch, capsys):
+    """Ctrl-C during an eval job: exit code 130 and "interrupted; rerun to resume", no traceback, results
+    untouched (the interrupt lands where the model would load: no load needed here)."""
+    from kvbench import cli, evaluate
+
+    w = Workspace(tmp_path / "project", finished, tiny_model_dir)
+    before = _snapshot(w.root)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "load_model", interrupted)
+    monkeypatch.chdir(w.root)
+    monkeypatch.delenv("KVBENCH_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli.main(w.eval(out="results/raw/new/L128_Bfull.parquet"))
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "kvbench eval: interrupted; rerun to resume" in err and "Traceback" not in err, err
+    after = _snapshot(w.root)
+    assert all(after.get(k) == v for k, v in before.items()) and set(after) == set(before)
+
+
+def test_plain_progress_lines_when_not_a_terminal():
+    """Logs get one plain line per 10% (and at the end), never carriage returns; a terminal gets tqdm."""
+    import io
+
+    from kvbench.progress import PlainProgress, progress
+
+    buf = io.StringIO()
+    bar = progress(range(50), desc="ppl h2o", file=buf)
+    assert isinstance(bar, PlainProgress)
+    assert sum(1 for _ in bar) == 50
+    lines = buf.getvalue().splitlines()
+    assert "\r" not in buf.getvalue() and 5 <= len(lines) <= 11, lines
+    assert lines[-1].startswith("ppl h2o: 50/50 (100%)"), lines
+    buf = io.StringIO()  # builtin training's use: initial steps, a postfix, close()
+    bar = progress(range(10, 20), desc="train", file=buf, initial=10, total=20)
+    for _ in bar:
+        bar.set_postfix(loss="1.234", refresh=False)
+    bar.close()
+    assert buf.getvalue().splitlines()[-1].startswith("train: 20/20 (100%)") and "loss=1.234" in buf.getvalue()
+
+
+def test_position_guard_refuses_positions_past_the_model():
+    """Decoding may run longer than any pre-check knows: the session the tasks see refuses the position."""
+    from types import SimpleNamespace
+
+    from kvbench.evaluate import _PositionGuard
+
+    fed = []
+    g = _PositionGuard(SimpleNamespace(feed=lambda *a, **k: fed.append(a), chunk_size=8), 16, 3)
+    g.feed([1, 2], [14, 15], [0, 0])
+    assert g.chunk_size == 8 and len(fed) == 1
+    with pytest.raises(ValueError, match=r"sample 3: position 16 is past the model's maximum positions \(16\)"):
+        g.feed([3], [16], [0])
+
+
+def test_default_configs_validate_without_warnings(capsys):
+    from kvbench.config import load_config, reset_warnings
+
+    for path in (os.path.join(REPO, "config.yaml"), TINY):
+        reset_warnings()
+        load_config(path)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_atomic_dir_replaces_only_its_own_kind(tmp_path):
+    """The directory writer behind build-model: a previous build of the same kind is replaced; an empty
+    folder is used; any other folder, a file, or a build of another kind is refused untouched."""
+    from kvbench.io import OutputError, atomic_dir
+
+    def build(path, kind="model"):
+        with atomic_dir(str(path), kind) as tmp:
+            open(os.path.join(tmp, "w.txt"), "w").write("new")
+
+    build(tmp_path / "a")
+    build(tmp_path / "a")  # a rebuild
+    assert open(tmp_path / "a" / "w.txt").read() == "new" and sorted(os.listdir(tmp_path)) == ["a"]
+    (tmp_path / "empty").mkdir()
+    build(tmp_path / "empty")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "file").write_text("keep")
+    for target, kind in ((tmp_path / "mine", "model"), (tmp_path / "file", "model"), (tmp_path / "a", "data"),
+                         (tmp_path, "model")):
+        with pytest.raises(OutputError, match="refusing to replace|is an existing folder"):
+            build(target, kind)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "keep"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]

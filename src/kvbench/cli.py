@@ -5,8 +5,15 @@
     profile     --model DIR --out results/heads/MODEL.parquet
     eval        --model DIR --task T --data FILE --method NAME ... --out FILE.parquet
     aggregate   --config C --raw FILES... --out results
-    methods     list registered methods with their fields and defaults
+    methods     list registered methods with their fields, defaults and allowed values
     validate    check a config file and print the job count
+
+Every command checks its inputs before it does any work and fails with one line naming the bad
+option, key, file or value (KVBENCH_TRACEBACK=1 shows the traceback instead); soft problems are
+one-line warnings on stderr. No command replaces anything but its own kind of output: `--out` may
+be new or a previous output of the same command, never another folder or file. Ctrl-C ends with
+"interrupted; rerun to resume" (eval keeps finished samples; Snakemake: `snakemake --unlock`, then
+rerun).
 """
 
 from __future__ import annotations
@@ -14,15 +21,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
+INT_MAX = 2**31 - 1  # kvbench.config.INT_MAX (not imported: `--help` stays import-light)
 
-def _kv(items: list[str]) -> dict:
+
+def _int(minimum: int | None = None, maximum: int = INT_MAX, key: str = ""):
+    """argparse type: an integer in [minimum, maximum] (argparse names the option when it fails;
+    `key` names the config key it stands for)."""
+    name = f"{key} " if key else ""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}expected an integer, got {text!r}") from None
+        if minimum is not None and v < minimum:
+            raise argparse.ArgumentTypeError(f"{name}must be >= {minimum}, got {v}")
+        if v > maximum:
+            raise argparse.ArgumentTypeError(f"{name}must be at most {maximum}, got {v}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def _kv(items: list[str], option: str = "--param") -> dict:
     out = {}
     for it in items or []:
         k, sep, v = it.partition("=")
-        if not sep:
-            raise SystemExit(f"--param expects key=value, got {it!r}")
+        if not sep or not k:
+            raise SystemExit(f"{option} expects key=value, got {it!r}")
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
@@ -40,6 +69,44 @@ def _json_object(option: str, text: str) -> dict:
     return value
 
 
+def _merge(json_option: str, from_json: dict, kv_option: str, from_kv: dict) -> dict:
+    """--param/--task-param win over the JSON object; a value they change is a warning, not silent."""
+    from .config import warn
+
+    for k, v in from_kv.items():
+        if k in from_json and from_json[k] != v:
+            warn(f"{kv_option} {k}={json.dumps(v)} overrides {k}={json.dumps(from_json[k])} from {json_option}")
+    return {**from_json, **from_kv}
+
+
+def _is_data_file(path: str) -> bool:
+    """A JSONL dataset written by make-data (its first line is a document with an id and a source)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        d = json.loads(first)
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "id" in d and "source" in d
+
+
+def _is_profile_file(path: str) -> bool:
+    """A head profile written by `kvbench profile` (its Parquet metadata carries kvbench_profile)."""
+    try:
+        import pyarrow.parquet as pq
+
+        return b"kvbench_profile" in (pq.read_schema(path).metadata or {})
+    except Exception:  # noqa: BLE001 - unreadable: not ours
+        return False
+
+
+def _check_model_dir(model: str, option: str = "--model") -> None:
+    if not os.path.isdir(model):
+        raise ValueError(f"{option} {model!r}: no such model folder; run build-model first")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise ValueError(f"{option} {model!r}: no config.json there (not a model folder); run build-model first")
+
+
 def cmd_build_model(a) -> None:
     from .models import build_model
 
@@ -48,34 +115,47 @@ def cmd_build_model(a) -> None:
 
 
 def cmd_make_data(a) -> None:
-    from .config import load_config
+    from .config import MAX_SAMPLES, check_int, load_config
     from .data import make_data
+    from .io import OutputError, check_out_file
 
+    check_out_file(a.out, _is_data_file, "dataset (JSONL written by make-data)")
+    if not a.out.endswith(".jsonl"):
+        raise OutputError(f"--out {a.out!r}: documents are written as JSONL: give a name ending in .jsonl")
     if a.dataset_json:
         ds, seed = _json_object("--dataset-json", a.dataset_json), a.seed or 0
     else:
+        if not (a.config and a.dataset):
+            raise ValueError("give --config and --dataset (or --dataset-json)")
         cfg = load_config(a.config)
         if a.dataset not in cfg["datasets"]:
             raise SystemExit(f"dataset {a.dataset!r} is not in {a.config} (has: {sorted(cfg['datasets'])})")
         ds, seed = cfg["datasets"][a.dataset], cfg.get("seed", 0) if a.seed is None else a.seed
+    n_samples = ds.get("n_samples", 4)
+    if not (isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples < 1):
+        check_int(n_samples, "n_samples", 1, MAX_SAMPLES)
     tok, max_pos = None, None
     if a.model:
-        import json as _j
-        import os
+        from .models import folder_geometry
 
-        from transformers import AutoTokenizer
+        _check_model_dir(a.model)
+        max_pos = folder_geometry(a.model)["max_positions"]
+        try:
+            from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(a.model)
-        max_pos = _j.load(open(os.path.join(a.model, "config.json"))).get("max_position_embeddings")
-    n = make_data(ds, a.length, ds.get("n_samples", 4), seed, a.out, tokenizer=tok, max_positions=max_pos)
+            tok = AutoTokenizer.from_pretrained(a.model)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot load the tokenizer in {a.model!r} ({type(e).__name__}: {e})") from None
+    n = make_data(ds, a.length, n_samples, seed, a.out, tokenizer=tok, max_positions=max_pos)
     print(f"wrote {n} documents to {a.out}")
 
 
 def cmd_eval(a) -> None:
     from .evaluate import run_eval
 
-    params = {**_json_object("--params-json", a.params_json), **_kv(a.param)}
-    task_params = {**_json_object("--task-params-json", a.task_params_json), **_kv(a.task_param)}
+    params = _merge("--params-json", _json_object("--params-json", a.params_json), "--param", _kv(a.param))
+    task_params = _merge("--task-params-json", _json_object("--task-params-json", a.task_params_json),
+                         "--task-param", _kv(a.task_param, "--task-param"))
     run_eval(model_dir=a.model, task=a.task, data=a.data, method=a.method, method_type=a.type or a.method,
              params=params, budget=a.budget, length=a.length, out=a.out, model_name=a.model_name,
              dataset=a.dataset, task_params=task_params, seed=a.seed, device=a.device, dtype=a.dtype,
@@ -84,19 +164,29 @@ def cmd_eval(a) -> None:
 
 
 def cmd_methods(a) -> None:
+    from .config import IGNORED_FIELDS, string_choices
     from .methods import REGISTRY
 
     for name, cls in sorted(REGISTRY.items()):
         inst = cls()
         flags = [f for f in ("needs_scores", "needs_profile") if getattr(inst, f)]
         print(f"{name}  ({cls.paper}){'  needs: ' + ', '.join(flags) if flags else ''}")
+        ignored = (*getattr(cls, "ignored_fields", ()), *IGNORED_FIELDS.get(name, ()))
         for f in dataclasses.fields(cls):
-            print(f"    {f.name}: {f.type} = {f.default!r}")
+            choices = string_choices(cls, f) if f.type in (str, "str") else None
+            note = f"  (one of: {', '.join(choices)})" if choices else ""
+            note += "  (accepted, ignored)" if f.name in ignored else ""
+            print(f"    {f.name}: {getattr(f.type, '__name__', f.type)} = {f.default!r}{note}")
 
 
 def cmd_profile(a) -> None:
+    from .io import OutputError, check_out_file
     from .profiling import run_profile
 
+    check_out_file(a.out, _is_profile_file, "head profile (Parquet written by kvbench profile)")
+    if not a.out.endswith(".parquet"):
+        raise OutputError(f"--out {a.out!r}: a head profile is a Parquet file: give a name ending in .parquet")
+    _check_model_dir(a.model)
     run_profile(a.model, a.out, seed=a.seed, n_prompts=a.n_prompts, log=sys.stderr)
 
 
@@ -111,11 +201,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="kvbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
+    d = "(default: %(default)s)"
     s = sub.add_parser("build-model", help="build a model folder from a source")
     s.add_argument("source", help="builtin:<name> | path:<dir> | hub:<repo>@<rev> | random:<arch>")
-    s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=None, help="override the builtin recipe's training steps")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="model folder to write: new, empty, or a previous build (never another folder)")
+    s.add_argument("--seed", type=_int(0), default=0, help=f"seed for random weights and training {d}")
+    s.add_argument("--steps", type=_int(1, key="steps"), default=None,
+                   help="override the builtin recipe's training steps (>= 1)")
     s.add_argument("--train", action="store_true",
                    help="builtin only: train from scratch (checkpointed, resumable) instead of copying the "
                         "weights shipped in the package")
@@ -125,46 +218,65 @@ def main(argv=None) -> None:
     s.add_argument("--config", help="config file naming the dataset")
     s.add_argument("--dataset", help="dataset name in the config")
     s.add_argument("--dataset-json", help="the dataset's config entry as JSON (instead of --config/--dataset)")
-    s.add_argument("--length", type=int, required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--model", help="model folder (tokenizer for token lengths, max positions)")
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--length", type=_int(1), required=True, help="document length in tokens (prompt included)")
+    s.add_argument("--out", required=True, metavar="FILE.jsonl", help="JSONL file to write (new or a previous one)")
+    s.add_argument("--model", metavar="DIR", help="model folder (tokenizer for token lengths, max positions)")
+    s.add_argument("--seed", type=_int(0), default=None, help="data seed (default: the config's seed, else 0)")
     s.set_defaults(fn=cmd_make_data)
 
-    s = sub.add_parser("eval", help="run one eval job into a Parquet file")
-    s.add_argument("--model", required=True)
-    s.add_argument("--model-name", default="model")
-    s.add_argument("--task", required=True)
-    s.add_argument("--data", required=True)
-    s.add_argument("--dataset", default="dataset")
-    s.add_argument("--method", required=True, help="variant name (path component)")
-    s.add_argument("--type", help="registered method type (default: the variant name)")
-    s.add_argument("--param", action="append", help="method parameter key=value (repeatable)")
-    s.add_argument("--params-json", default="{}", help="method parameters as one JSON object")
-    s.add_argument("--task-param", action="append", help="task parameter key=value (wait_k, n_decode, ...)")
-    s.add_argument("--task-params-json", default="{}", help="task parameters as one JSON object")
-    s.add_argument("--budget", default="full")
-    s.add_argument("--length", type=int, required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--profile", help="head profile Parquet (head-aware methods)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="float32")
-    s.add_argument("--chunk-size", type=int, default=64)
-    s.add_argument("--max-samples", type=int, default=None)
-    s.add_argument("--config-hash", default="")
+    s = sub.add_parser("eval", help="run one eval job into a Parquet file",
+                       description="Run one eval job: every document of --data through one method at one budget, "
+                                   "one Parquet row per sample. Everything is checked before the model loads; a "
+                                   "killed job resumes from <out>.partial/.")
+    s.add_argument("--model", required=True, metavar="DIR", help="model folder made by build-model")
+    s.add_argument("--model-name", default="model", help=f"model name recorded in each row {d}")
+    s.add_argument("--task", required=True, metavar="TASK",
+                   help="translate_stream (wait-k simultaneous translation), translate_batch (whole source first: "
+                        "the upper bound), ppl (perplexity through the cache) or latency (per-token decode time)")
+    s.add_argument("--data", required=True, metavar="FILE.jsonl", help="documents made by make-data at --length")
+    s.add_argument("--dataset", default="dataset", help=f"dataset name recorded in each row {d}")
+    s.add_argument("--method", required=True, help="variant name recorded in each row (a path component, e.g. sink4)")
+    s.add_argument("--type", help="registered method type, see `kvbench methods` (default: the variant name)")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="method parameter, the value as JSON (repeatable; wins over --params-json, with a warning)")
+    s.add_argument("--params-json", default="{}", metavar="JSON", help="method parameters as one JSON object")
+    s.add_argument("--task-param", action="append", metavar="KEY=VALUE",
+                   help="task parameter: wait_k (source words read before writing, >= 1), target_offset (first "
+                        "target position, >= 0), n_decode and warmup (latency: timed and untimed decode steps)")
+    s.add_argument("--task-params-json", default="{}", metavar="JSON", help="task parameters as one JSON object")
+    s.add_argument("--budget", default="full",
+                   help="KV budget in tokens per (layer, KV head), a positive integer; 'full' (the default) keeps "
+                        "every token: the only budget of method type full, and none of an evicting method")
+    s.add_argument("--length", type=_int(1), required=True,
+                   help="document length in tokens the data was built for (recorded in each row; checked)")
+    s.add_argument("--out", required=True, metavar="FILE.parquet",
+                   help="result file: new or a previous eval result (never another file or a folder)")
+    s.add_argument("--profile", metavar="FILE.parquet", help="head profile from `kvbench profile` (head-aware methods)")
+    s.add_argument("--seed", type=_int(0), default=0, help=f"torch seed {d}")
+    s.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:<index> "
+                                                    f"or mps; it must exist on this machine {d}")
+    s.add_argument("--dtype", default="float32", metavar="DTYPE",
+                   help=f"model and cache precision: float32, float16 or bfloat16 {d}")
+    s.add_argument("--chunk-size", type=_int(1, key="chunk_size"), default=64,
+                   help=f"prefill chunk in tokens: the cache peaks at budget + chunk during a chunk {d}")
+    s.add_argument("--max-samples", type=_int(1, key="max_samples"), default=None, help="only the first N documents (default: all)")
+    s.add_argument("--config-hash", default="", help="hash of the job's config, recorded in each row (Snakemake)")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("profile", help="profile attention heads (retrieval / induction / local)")
-    s.add_argument("--model", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--n-prompts", type=int, default=8)
+    s = sub.add_parser("profile", help="profile attention heads (retrieval / induction / local)",
+                       description="Score every attention head as retrieval / induction / local from probe prompts "
+                                   "(full cache) and write one row per (layer, query head).")
+    s.add_argument("--model", required=True, metavar="DIR", help="model folder made by build-model")
+    s.add_argument("--out", required=True, metavar="FILE.parquet",
+                   help="head profile to write: new or a previous profile (never another file or a folder)")
+    s.add_argument("--seed", type=_int(0), default=0, help=f"seed of the probe prompts {d}")
+    s.add_argument("--n-prompts", type=_int(1, 100000, key="n_prompts"), default=8,
+                   help=f"probe prompts averaged per score (more: steadier scores, slower) {d}")
     s.set_defaults(fn=cmd_profile)
 
     sub.add_parser("aggregate", help="tables, figures and all.parquet from raw results (see its --help)")
 
-    s = sub.add_parser("methods", help="list registered methods")
+    s = sub.add_parser("methods", help="list registered methods, their fields, defaults and allowed values")
     s.set_defaults(fn=cmd_methods)
 
     s = sub.add_parser("validate", help="validate a config file")
@@ -178,9 +290,27 @@ def main(argv=None) -> None:
         a = argparse.Namespace(cmd="aggregate", fn=lambda _: agg_main(argv[1:]))
     else:
         a = p.parse_args(argv)
+    from .config import reset_warnings
+
+    reset_warnings()
     try:
         a.fn(a)
-    except (ValueError, OSError, KeyError) as e:
-        if __import__("os").environ.get("KVBENCH_TRACEBACK"):
+    except KeyboardInterrupt:
+        if os.environ.get("KVBENCH_TRACEBACK"):
             raise
-        raise SystemExit(f"kvbench {a.cmd}: error: {e}") from None
+        print(f"kvbench {a.cmd}: interrupted; rerun to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, OSError, KeyError) as e:
+        if os.environ.get("KVBENCH_TRACEBACK"):
+            raise
+        raise SystemExit(f"kvbench {a.cmd}: error: {_one_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - anything else still ends in one line (the traceback on request)
+        if os.environ.get("KVBENCH_TRACEBACK"):
+            raise
+        raise SystemExit(f"kvbench {a.cmd}: error: {type(e).__name__}: {_one_line(e)} "
+                         f"(KVBENCH_TRACEBACK=1 shows where)") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    return " ".join(text.split())
