@@ -734,6 +734,10 @@ NAME_CASES = [
     ("target_offset_past_positions", _set("tasks/translate_stream", {"target_offset": 5000}),
      ("target_offset", "5000", "positions")),
     ("aggregate_unknown_key", _set("aggregate", {"n_resampels": 10}), ("aggregate", "n_resampels")),
+    ("n_prompts_huge", _set("profiling/n_prompts", 10**9), ("n_prompts", str(10**9))),
+    ("n_decode_past_positions", _set("tasks/latency", {"n_decode": 10**6}), ("tasks/latency", "positions")),
+    # a path: source inside the workflow's outputs: a re-run would delete it (Snakemake removes outputs first)
+    ("path_source_inside_outputs", _set("models/micro/source", f"path:{MODEL_REL}"), ("micro", "resources")),
 ]
 CONFIG_CASES += NAME_CASES
 for _id, _make, _needles in NAME_CASES:
@@ -773,6 +777,10 @@ _warn_case("method_names_differ_only_by_case", _set("methods/Full", {"type": "fu
 _warn_case("uniform_share_fields", _set("methods/uni", {"type": "uniform", "share_local": 0.2}),
            "uniform ignores share_local")
 _warn_case("task_parameter_of_another_task", _set("tasks/ppl", {"n_decode": 8}), "'tasks/ppl'", "n_decode")
+_warn_case("length_listed_twice", _set("studies/oracle/lengths", [128, 128]), "'studies/oracle/lengths'", "128")
+_warn_case("hf_keys_on_a_synthetic_dataset", _set("datasets/synth/src_lang", "en"), "synthetic dataset ignores src_lang")
+_warn_case("steps_for_a_random_model", _set("models/rnd", {"source": "random:qwen2.5-0.5b", "steps": 5}),
+           "'models/rnd'", "steps")
 # the documented `aggregate: {n_resamples, seed}` section is accepted
 case("validate_aggregate_options_are_accepted", lambda w: ["validate", "cases/agg_opts/ok.yaml"],
      setup=lambda w: w.write("cases/agg_opts/ok.yaml", _set("aggregate", {"n_resamples": 10, "seed": 1})()),
@@ -868,6 +876,7 @@ case("before_load_cuda_missing", lambda w: w.eval("--device", "cuda", model=BAD)
      needs="nocuda")
 case("before_load_mps_missing", lambda w: w.eval("--device", "mps", model=BAD), "mps", "not available", needs="nomps")
 _data_case("before_load_source_is_a_number", _set_doc(1, source=12345), "document 1", "source", "12345", model=BAD)
+_data_case("before_load_document_id_huge", _set_doc(1, id=2**70), "document", str(2**70), model=BAD)
 _data_case("before_load_source_is_null", _set_doc(0, source=None), "document 0", "source", "None", model=BAD)
 _data_case("before_load_target_is_a_number", _set_doc(0, target=7), "document 0", "target", model=BAD,
            task="translate_stream")

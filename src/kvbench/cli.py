@@ -115,7 +115,7 @@ def cmd_build_model(a) -> None:
 
 
 def cmd_make_data(a) -> None:
-    from .config import MAX_SAMPLES, check_int, load_config
+    from .config import MAX_SAMPLES, _check_values, check_int, load_config
     from .data import make_data
     from .io import OutputError, check_out_file
 
@@ -131,9 +131,10 @@ def cmd_make_data(a) -> None:
         if a.dataset not in cfg["datasets"]:
             raise SystemExit(f"dataset {a.dataset!r} is not in {a.config} (has: {sorted(cfg['datasets'])})")
         ds, seed = cfg["datasets"][a.dataset], cfg.get("seed", 0) if a.seed is None else a.seed
-    n_samples = ds.get("n_samples", 4)
-    if not (isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples < 1):
-        check_int(n_samples, "n_samples", 1, MAX_SAMPLES)
+    if not isinstance(ds, dict):
+        raise ValueError(f"the dataset entry must be a mapping, got {ds!r}")
+    _check_values(ds, "dataset")
+    n_samples = check_int(ds.get("n_samples", 4), "n_samples", 1, MAX_SAMPLES)
     tok, max_pos = None, None
     if a.model:
         from .models import folder_geometry

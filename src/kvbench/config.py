@@ -40,6 +40,7 @@ class ConfigError(ValueError):
 
 INT_MAX = 2**31 - 1  # every integer in a config or on a command line (seeds, budgets, lengths, counts)
 MAX_SAMPLES = 1_000_000  # documents per dataset cell: more is a typo, and building them would not end
+MAX_PROMPTS = 100_000  # profiling probe prompts (kvbench profile --n-prompts has the same bound)
 NAME_MAX = 64
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 SECTIONS = ("models", "datasets", "methods", "studies")  # their names are path components
@@ -334,11 +335,30 @@ def _check_semantics(cfg: dict) -> None:
             raise ConfigError(f"config key 'methods/{name}': {e}") from None
     geoms = _check_models(cfg)
     _check_datasets(cfg)
+    hf_only = ("path", "name", "split", "data_files", "src_lang", "tgt_lang", "text_field")
     for name, ds in cfg["datasets"].items():
+        unused = [k for k in hf_only if k in ds] if ds.get("source", "synthetic") == "synthetic" else []
+        if unused:
+            warn(f"config key 'datasets/{name}': a synthetic dataset ignores {', '.join(unused)} (they are for "
+                 f"source: hf)")
         if ds.get("n_samples", 4) > MAX_SAMPLES:
             raise ConfigError(f"config key 'datasets/{name}/n_samples': {ds['n_samples']} documents per cell is "
                               f"more than {MAX_SAMPLES}")
+    n_prompts = (cfg.get("profiling") or {}).get("n_prompts", 8)
+    if n_prompts > MAX_PROMPTS:
+        raise ConfigError(f"config key 'profiling/n_prompts': {n_prompts} probe prompts is more than {MAX_PROMPTS}")
+    for task, params in (cfg.get("tasks") or {}).items():
+        for model, g in geoms.items():
+            mp = (g or {}).get("max_positions")
+            steps = params.get("warmup", 0) + params.get("n_decode", 0) if task == "latency" else 0
+            if mp and steps >= mp:
+                raise ConfigError(f"config key 'tasks/{task}': warmup + n_decode ({steps}) decode steps run past the "
+                                  f"maximum positions of model {model!r} ({mp})")
     for sname, st in cfg["studies"].items():
+        for key in ("tasks", "models", "datasets", "methods", "lengths", "budgets"):
+            twice = sorted({str(x) for x in st.get(key) or [] if (st.get(key) or []).count(x) > 1})
+            if twice:
+                warn(f"config key 'studies/{sname}/{key}': {', '.join(twice)} listed more than once")
         for key, pool in (("models", cfg["models"]), ("datasets", cfg["datasets"]), ("methods", cfg["methods"])):
             st.setdefault(key, sorted(pool)) if key != "methods" else None
             unknown = [x for x in st.get(key, []) if x not in pool]
@@ -399,12 +419,22 @@ def _check_models(cfg: dict) -> dict:
     from .models import SourceError, parse_source, source_geometry
 
     geoms = {}
+    outputs = [os.path.realpath(p) for p in ("resources", "results")]  # Snakemake's outputs (it deletes them)
     for name, m in cfg["models"].items():
         try:
-            parse_source(m["source"])
+            scheme, where, _ = parse_source(m["source"])
             geoms[name] = source_geometry(m["source"])
         except (SourceError, OSError, ValueError) as e:
             raise ConfigError(f"config key 'models/{name}/source': {e}") from None
+        if scheme == "path":
+            real = os.path.realpath(where)
+            inside = [o for o in outputs if real == o or real.startswith(o + os.sep)]
+            if inside:
+                raise ConfigError(f"config key 'models/{name}/source': {where!r} is inside {inside[0]!r}, where the "
+                                  f"workflow writes (and re-runs delete) outputs; keep source models elsewhere")
+        ignored = [k for k in ("steps", "train") if m.get(k) not in (None, False)] if scheme != "builtin" else []
+        if ignored:
+            warn(f"config key 'models/{name}': {', '.join(ignored)} only apply to builtin: models, not {scheme}:")
     return geoms
 
 

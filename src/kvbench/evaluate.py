@@ -100,6 +100,8 @@ def _check_docs(docs: list[dict], path: str, length: int) -> None:
     and that the documents were built for this length."""
     for d in docs:
         where = f"{path}: document {d['id']}"
+        if d["id"] > INT_MAX:
+            raise ValueError(f"{where}: document ids must be at most {INT_MAX}")
         if not isinstance(d["source"], str):
             raise ValueError(f"{where}: source must be text, got {d['source']!r} ({type(d['source']).__name__})")
         for key in ("target", "src_lang", "tgt_lang"):
