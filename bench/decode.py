@@ -7,7 +7,7 @@ step time is divided by two baselines measured in the same run:
     saving   = method(B, context L) / full cache at context L      (< 1: the method is faster)
 
 Both hold the same number of cache entries in the first ratio, so what is left is the cost of
-eviction itself (selection, compaction, re-rotation, score bookkeeping). The model is
+eviction itself (selection, compaction, re-indexed RoPE, score bookkeeping). The model is
 `random:qwen2.5-0.5b` by default (real published shape, random weights; built once with
 `kvbench.models.build_model` into bench/.cache/models/). The prefill is random token ids with role
 SOURCE and sequential positions through `Session.feed` in chunks of 512; each method is prefilled
@@ -170,10 +170,10 @@ ENGINE_FUNCS = [  # (file suffix, function) -> label; cumulative time per decode
     ("base.py", "top_by", "      top_by"),
     ("store.py", "compact", "    store.compact"),
     ("qstore.py", "compact", "    QuantKVStore.compact"),
-    ("session.py", "_reindex_positions", "    Session._reindex_positions"),
+    ("hf.py", "rotation", "    StoreCache.rotation (re-indexed positions)"),
+    ("layout.py", "reindexed_positions", "      reindexed_positions"),
     ("hf.py", "rope_tables", "      rope_tables (cos/sin)"),
-    ("hf.py", "rope_apply", "      rope_apply"),
-    ("session.py", "_cache_positions", "  Session._cache_positions"),
+    ("hf.py", "rope_apply", "    rope_apply (q and k, re-indexed positions)"),
     ("session.py", "observe", "  MemoryStats.observe"),
 ]
 

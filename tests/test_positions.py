@@ -16,25 +16,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvbench import layout, tasks
-from kvbench.engine import hf
 from kvbench.engine.session import Session
 from kvbench.methods import method_from_config
 from kvbench.prompt import Prompter
 
-PROBE = "kvbench_probe"
-
-
 class Probe:
-    """Records, per forward and layer, the q / k the attention function consumes (and the store's
-    slot metadata), plus the pre-RoPE q / k of every fed token from q_proj / k_proj hooks."""
+    """The q / k the attention function consumes, per forward and layer, with the store's slot
+    metadata (the engine's `StoreCache.trace`), and the pre-RoPE q / k of every fed token from
+    forward hooks on q_proj / k_proj."""
 
-    def __init__(self, model, session: Session):
-        self.model, self.session, self.calls, self.pre = model, session, [], {}
+    def __init__(self, model, session: Session, keep=lambda seq: True):
+        self.model, self.session, self.calls, self.pre, self.keep = model, session, [], {}, keep
         self.hooks = []
         for i, layer in enumerate(model.model.layers):
             att = layer.self_attn
@@ -48,35 +43,28 @@ class Probe:
             x = out[0].reshape(out.shape[1], -1, d).detach().float()  # (n, H, D)
             store = self.pre.setdefault((layer, kind), {})
             for i, s in enumerate(seq.tolist()):
-                store[s] = x[i]
+                if self.keep(s):
+                    store[s] = x[i]
         return hook
 
-    def attention(self, module, query, key, value, attention_mask, **kw):
-        cache = kw["kvbench_cache"]
-        st = cache.layers[module.layer_idx].store
-        seq = cache.pending[0]
-        self.calls.append(dict(layer=module.layer_idx, q=query[0].detach().float().clone(),
-                               k=key[0].detach().float().clone(), kseq=st.seq.clone(), kvalid=st.valid.clone(),
-                               qseq=seq.clone()))
-        return hf.kvbench_attention(module, query, key, value, attention_mask, **kw)
-
     def __enter__(self):
-        AttentionInterface.register(PROBE, self.attention)
-        AttentionMaskInterface.register(PROBE, hf._no_mask)
-        self.model.set_attn_implementation(PROBE)
+        self.session.cache.trace = self.calls  # what the attention function consumed, per layer
         return self
 
     def __exit__(self, *exc):
         for h in self.hooks:
             h.remove()
-        self.model.set_attn_implementation(hf.ATTN_NAME)
+        self.session.cache.trace = None
 
 
-def intended_positions(mode: str, seqs: list[int], s: layout.Stream, base: dict) -> list[int]:
+def intended_positions(mode: str, seqs: list[int], s: layout.Stream, base: dict, n_sink: int = 0,
+                       max_lead: int = 10**9) -> list[int]:
     """Intended RoPE position of each entry in `seqs` (the cached entries plus the new tokens of one
     forward, stream order) under `mode`."""
     if mode == "original":
         return [s.pos[j] for j in seqs]
+    if mode == "shifted":
+        return shifted_positions(seqs, s, n_sink, max_lead)
     out, count = [], {False: 0, True: 0}
     for j in sorted(seqs):
         g = s.role[j] == layout.ROLE_TARGET
@@ -84,6 +72,25 @@ def intended_positions(mode: str, seqs: list[int], s: layout.Stream, base: dict)
         count[g] += 1
     d = dict(out)
     return [d[j] for j in seqs]
+
+
+def shifted_positions(seqs: list[int], s: layout.Stream, n_sink: int, max_lead: int) -> list[int]:
+    """The GPE-consistent re-indexing, from its definition: sinks (the first n_sink tokens of the
+    stream) keep their positions; a group's advance is how far its oldest cached non-sink is past
+    the group's first non-sink position; every non-sink moves down by the smallest advance s, and a
+    group whose advance exceeds s + max_lead by the excess too."""
+    tgt = [r == layout.ROLE_TARGET for r in s.role]
+    first = {}
+    for j in range(len(s.ids)):
+        if j >= n_sink:
+            first.setdefault(tgt[j], s.pos[j])
+    adv = {}
+    for j in seqs:
+        if j >= n_sink:
+            adv[tgt[j]] = min(adv.get(tgt[j], 10**18), s.pos[j] - first[tgt[j]])
+    shift = max(min(adv.values()), 0) if adv else 0
+    extra = {g: max(a - shift - max_lead, 0) for g, a in adv.items()}
+    return [s.pos[j] if j < n_sink else s.pos[j] - shift - extra[tgt[j]] for j in seqs]
 
 
 def rope_ref(model, x_pre: torch.Tensor, positions: list[int]) -> torch.Tensor:
@@ -95,7 +102,8 @@ def rope_ref(model, x_pre: torch.Tensor, positions: list[int]) -> torch.Tensor:
     return r[0]  # (H, n, D)
 
 
-def check_calls(model, probe: Probe, mode: str, s: layout.Stream, tol: float) -> int:
+def check_calls(model, probe: Probe, mode: str, s: layout.Stream, tol: float, n_sink: int = 0,
+                max_lead: int = 10**9) -> int:
     """Compare every recorded attention call with the reference; returns the number of evicting
     forwards seen (a test that never evicts proves nothing)."""
     base = {False: s.pos[0], True: next((p for p, r in zip(s.pos, s.role) if r == layout.ROLE_TARGET), 0)}
@@ -109,14 +117,14 @@ def check_calls(model, probe: Probe, mode: str, s: layout.Stream, tol: float) ->
             kseq = call["kseq"][h][valid].tolist()
             if li == 0 and h == 0:
                 evicted += len(kseq) < max(kseq) + 1
-            want = intended_positions(mode, kseq, s, base)
+            want = intended_positions(mode, kseq, s, base, n_sink, max_lead)
             k_pre = torch.stack([probe.pre[(li, "k")][j][h] for j in kseq])[:, None]  # (C, 1, D)
             ref = rope_ref(model, k_pre, want)[0]  # (C, D)
             got = call["k"][h][valid]
             err = float((got - ref).abs().max() / ref.abs().max())
             assert err < tol, f"{mode}: layer {li} head {h}, keys at query seq {qseq}: rel. error {err:.2e}"
         live = sorted(set(call["kseq"][0][call["kvalid"][0]].tolist()))
-        qwant = intended_positions(mode, live, s, base)
+        qwant = intended_positions(mode, live, s, base, n_sink, max_lead)
         qpos = [qwant[live.index(j)] for j in qseq]
         q_pre = torch.stack([probe.pre[(li, "q")][j] for j in qseq])  # (n, Hq, D)
         ref = rope_ref(model, q_pre, qpos)  # (Hq, n, D)
@@ -134,9 +142,8 @@ def teacher_stream(tiny, docs, k=3):
     return s
 
 
-@pytest.mark.parametrize("mode", ["cache", "original"])
-@pytest.mark.parametrize("chunk", [1, 5])
-@pytest.mark.parametrize("n_sink", [4, 0])
+@pytest.mark.parametrize("mode", ["shifted", "cache", "original"])
+@pytest.mark.parametrize("chunk,n_sink", [(1, 4), (1, 0), (5, 4)])
 def test_positions_at_every_step(tiny, docs, mode, chunk, n_sink):
     """A GPE stream (instruction, source and target interleaved by wait-3) under a budget of 24: at
     every forward, every query and every cached key matches transformers' RoPE at its intended
@@ -147,16 +154,17 @@ def test_positions_at_every_step(tiny, docs, mode, chunk, n_sink):
                    chunk_size=chunk)
     with Probe(model, sess) as probe:
         sess.feed(s.ids, s.pos, s.role)
-    evicting = check_calls(model, probe, mode, s, tol=1e-4)
+    evicting = check_calls(model, probe, mode, s, tol=1e-4, n_sink=n_sink, max_lead=24)
     assert evicting > len(s.ids) // chunk - 30  # almost every forward ran on an evicted cache
 
 
-def test_positions_token_by_token_translation(tiny, docs):
-    """The translation task's own feeding (instruction + k words, READ words, WRITE tokens) with
-    `cache` positions: queries and keys at their intended positions at every step."""
+@pytest.mark.parametrize("mode", ["shifted", "cache"])
+def test_positions_token_by_token_translation(tiny, docs, mode):
+    """The translation task's own feeding (instruction + k words, READ words, WRITE tokens), default
+    (`shifted`) and `cache` positions: queries and keys at their intended positions at every step."""
     model, tok, d = tiny
     p = Prompter(tok, d, "syn_src", "syn_tgt")
-    sess = Session(model, method_from_config("streaming_llm", {"n_sink": 4, "positions": "cache"}), 20, chunk_size=8)
+    sess = Session(model, method_from_config("streaming_llm", {"n_sink": 4, "positions": mode}), 20, chunk_size=8)
     fed = layout.Stream([], [], [], [])
     real_feed = sess.feed
 
@@ -168,4 +176,62 @@ def test_positions_token_by_token_translation(tiny, docs):
     with Probe(model, sess) as probe:
         tasks.translate(sess, p, docs[96][0], k=3)
     assert len(fed.ids) > 40
-    assert check_calls(model, probe, "cache", fed, tol=1e-4) > 10
+    assert check_calls(model, probe, mode, fed, tol=1e-4, n_sink=4, max_lead=20) > 10
+
+
+def one_layer_bf16():
+    """The builtin architecture cut to one layer, random weights, bfloat16 (fast and drift-prone)."""
+    from transformers import LlamaForCausalLM
+
+    from kvbench import builtin
+
+    tok = builtin.build_tokenizer()
+    cfg = builtin.build_config(len(tok), tok, 8192)
+    cfg.num_hidden_layers = 1
+    torch.manual_seed(1)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def test_no_drift_after_5000_evictions_bf16(mode="shifted"):
+    """bf16, B = 256, 5,000 evictions (a key in the window is re-indexed ~250 times): the keys and the
+    query attention uses match transformers' own bf16 RoPE of the same pre-RoPE vectors at the
+    intended positions (ranks: one position group) within the error of one bf16 rotation. (On one
+    position group `shifted` and `cache` give the same positions.)"""
+    model = one_layer_bf16()
+    budget, n_evict, n_sink = 256, 5000, 4
+    n = budget + n_evict
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, model.config.vocab_size, (n,), generator=g).tolist()
+    s = layout.Stream(ids, list(range(n)), [layout.ROLE_SOURCE] * n, [])
+    sess = Session(model, method_from_config("streaming_llm", {"n_sink": n_sink, "positions": mode}), budget,
+                   chunk_size=64)
+    # pre-RoPE hooks from the start (for the entries still cached at the end); the trace: last step
+    probe = Probe(model, sess, keep=lambda j: j < n_sink or j >= n - budget)
+    sess.feed(ids[:budget], s.pos[:budget], s.role[:budget])
+    for i in range(budget, n - 1):  # one token per forward: one eviction each
+        sess.feed(ids[i:i + 1], s.pos[i:i + 1], s.role[i:i + 1])
+    with probe:
+        sess.feed(ids[n - 1:], s.pos[n - 1:], s.role[n - 1:])
+    (call,) = probe.calls
+    kseq = call["kseq"][0][call["kvalid"][0]].tolist()
+    assert len(kseq) == budget + 1 and kseq[:n_sink] == list(range(n_sink)) and kseq[-1] == n - 1
+    want = list(range(budget + 1))  # sinks 0..3, the window 4..255, the new token at 256
+    for h in range(call["k"].shape[0]):
+        pre = torch.stack([probe.pre[(0, "k")][j][h] for j in kseq])[:, None].to(torch.bfloat16)  # (C, 1, D)
+        ref16 = rope_ref_dtype(model, pre, want)[0].float()  # transformers, in bf16 as the model runs it
+        ref32 = rope_ref(model, pre.float(), want)[0]  # the exact rotation of the same vector
+        one = ((ref16 - ref32).norm(dim=-1) / ref32.norm(dim=-1)).max()  # error of one bf16 rotation
+        err = (call["k"][h] - ref16).norm(dim=-1) / ref16.norm(dim=-1)  # (C,)
+        assert float(err.max()) <= 2 * float(one) + 2**-9, (h, float(err.max()), float(one))
+    q_pre = torch.stack([probe.pre[(0, "q")][n - 1]]).to(torch.bfloat16)  # (1, Hq, D)
+    qerr = (call["q"] - rope_ref_dtype(model, q_pre, [budget]).float()).norm(dim=-1) / call["q"].norm(dim=-1)
+    assert float(qerr.max()) < 2**-6
+
+
+def rope_ref_dtype(model, x_pre: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """As rope_ref, in x_pre's dtype (transformers casts cos/sin to it, as in the model's forward)."""
+    pos = torch.tensor(positions)[None]
+    cos, sin = model.model.rotary_emb(x_pre[None], pos)
+    x = x_pre.transpose(0, 1)[None]
+    r, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    return r[0]

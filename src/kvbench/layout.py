@@ -107,3 +107,68 @@ def stream_mask(role: torch.Tensor) -> torch.Tensor:
     q_is_tgt = (role == ROLE_TARGET).unsqueeze(-1)  # (T, 1)
     k_is_tgt = (role == ROLE_TARGET).unsqueeze(-2)  # (1, T)
     return causal & (q_is_tgt | ~k_is_tgt)
+
+
+# ---- re-indexed positions (StreamingLLM under eviction) -------------------------------------------
+REINDEX_MODES = ("shifted", "cache")
+
+
+@dataclass(frozen=True)
+class PositionRule:
+    """How a method re-indexes RoPE positions once entries are evicted (declared by the method, applied
+    by the engine to unrotated keys at every forward, so nothing drifts).
+
+    - `shifted` (GPE-consistent): the first `n_sink` tokens of the stream (the sinks) keep their
+      positions; every other entry takes its original position minus one shift `s` shared by both
+      position groups, `s` = the smallest advance among the groups, where a group's advance is how
+      far its oldest cached non-sink entry is past the group's first non-sink position. Every offset
+      between non-sink entries, within a group and across groups (source - target), keeps its value
+      without eviction. With one group this is StreamingLLM's rank in the cache. `max_lead` W bounds
+      how far one group's advance may run ahead of the other's (only the oracle layout, the whole
+      source before the target, comes near it): beyond W the leading group is shifted further, so
+      its offsets to the other group shrink to W. Positions then stay in [0, B + W] (+ the target
+      group's first position, `target_offset`) for a one-token step at budget B, and in
+      [0, B + W + n - 1] for a chunk of n new tokens.
+    - `cache` (per-group ranks; an ablation): every entry takes its rank among the cached entries
+      of its own group, from the group's first position. The source group loses more entries than
+      the target group, so the source-target offset the model was trained on collapses.
+    """
+
+    mode: str
+    n_sink: int = 0
+    max_lead: int | None = None  # W in positions; None: the budget
+
+    def __post_init__(self):
+        if self.mode not in REINDEX_MODES:
+            raise ValueError(f"position re-indexing mode must be one of {REINDEX_MODES}, got {self.mode!r}")
+
+
+def reindexed_positions(rule: PositionRule, pos: torch.Tensor, seq: torch.Tensor, role: torch.Tensor,
+                        valid: torch.Tensor, first: dict, max_lead: int) -> torch.Tensor:
+    """Positions (H, C) long of the cached entries of one layer under `rule`.
+
+    pos, seq, role, valid: (H, C) slot metadata (original position, stream index, role, live), slots
+    of each head in stream order. `first[(g, sink)]`: for group g (True = target), the original
+    position of the group's first token (`("all", g)`) and of its first non-sink token
+    (`("nonsink", g)`), as seen by the session. Padding slots get their original position."""
+    is_t = role == ROLE_TARGET
+    out = pos.clone()
+    if rule.mode == "cache":
+        for g in (False, True):
+            m = valid & (is_t == g)
+            rank = torch.cumsum(m, dim=1) - 1
+            out = torch.where(m, first.get(("all", g), 0) + rank, out)
+        return out
+    sink = seq < rule.n_sink
+    ns = valid & ~sink
+    big = torch.iinfo(torch.long).max // 4
+    adv = []
+    for g in (False, True):
+        m = ns & (is_t == g)
+        lo = torch.where(m, pos, big).min(dim=1, keepdim=True).values  # (H, 1)
+        adv.append(torch.where(lo < big, lo - first.get(("nonsink", g), 0), big))
+    s = torch.minimum(adv[0], adv[1])
+    s = torch.where(s < big, s, 0).clamp(min=0)  # (H, 1) shared shift
+    extra = [torch.where(a < big, (a - s - max_lead).clamp(min=0), 0) for a in adv]  # beyond W
+    shift = s + torch.where(is_t, extra[1], extra[0])
+    return torch.where(ns, pos - shift, out)

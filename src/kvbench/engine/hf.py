@@ -9,6 +9,14 @@ Two supported seams of transformers 5.23 (pinned in pyproject; `check_transforme
   the model), and hands attention probabilities to the store when its policy needs them, computed
   from the same q.K as the output. The mask interface for "kvbench" returns None.
 Registration happens in `prepare_model`, never on import.
+
+Re-indexed positions (StreamingLLM, `StoreCache.positioner` set): the session runs the model at
+position 0, where RoPE is the identity (cos 1, sin 0: q and k come out exactly unrotated, scaled by
+the RoPE type's attention factor), so the store keeps keys before RoPE, as StreamingLLM's own code
+does. The attention function then rotates the queries and every cached key to the positions the
+positioner gives for this forward, in float32 from the unrotated keys: one rotation per key per
+forward, never a rotation of an already rotated key, so no error accumulates over evictions.
+Only RoPE types whose frequencies do not depend on the positions fed can be re-indexed this way.
 """
 
 from __future__ import annotations
@@ -66,11 +74,31 @@ class StoreLayer(CacheLayerMixin):
 
 class StoreCache(Cache):
     """A transformers Cache whose layers are kvbench stores; `pending` carries the metadata of the
-    tokens in the current forward pass (set by the session before each call)."""
+    tokens in the current forward pass (set by the session before each call).
 
-    def __init__(self, stores):
+    `positioner`: None (keys arrive rotated at their positions), or a callable store -> (H, C)
+    positions at which attention rotates unrotated queries and keys (re-indexed positions).
+    `trace`: None, or a list to which attention appends what it consumed, per layer and forward:
+    dict(layer, q (Hq, n, D), k (H, C, D) as rotated for attention, kseq, kvalid (H, C), qseq (n,))
+    (tests and debugging; costs a copy per layer)."""
+
+    def __init__(self, stores, model=None):
         self.pending = None
+        self.model = model  # for its RoPE frequencies (re-indexed positions)
+        self.positioner = None
+        self.trace = None
+        self._tables = None  # (positions, cos, sin) of the last layer rotated, reused while equal
         super().__init__(layers=[StoreLayer(s, self) for s in stores])
+
+    def rotation(self, store) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (H, C, D/2) float32 of the positions the positioner gives for `store`; layers
+        whose positions equal the previous layer's (every layer, under a layer-independent rule)
+        share one table."""
+        p = self.positioner(store)
+        t = self._tables
+        if t is None or t[0].shape != p.shape or not torch.equal(t[0], p):
+            t = self._tables = (p, *rope_tables(self.model, p))
+        return t[1], t[2]
 
 
 def _no_mask(*args, **kwargs):
@@ -86,6 +114,15 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     seq, _, role = cache.pending
     hq, hkv = query.shape[1], key.shape[1]
     g = hq // hkv
+    if cache.positioner is not None:  # unrotated q and k: rotate both to this forward's positions
+        cos, sin = cache.rotation(store)  # (Hkv, C, D/2)
+        n = query.shape[2]
+        key = rope_apply(key[0], cos, sin)[None]
+        qc, qs = (x[:, -n:].repeat_interleave(g, dim=0) for x in (cos, sin))  # new tokens: the last n slots
+        query = rope_apply(query[0], qc, qs)[None]
+    if cache.trace is not None:
+        cache.trace.append(dict(layer=module.layer_idx, q=query[0].detach().clone(), k=key[0].detach().clone(),
+                                kseq=store.seq.clone(), kvalid=store.valid.clone(), qseq=seq.clone()))
     mask = store.mask(seq, role == ROLE_TARGET, ROLE_TARGET)  # (Hkv, n, C)
     scaling = module.scaling if scaling is None else scaling
     if store.score is None and store.recorded is None:
@@ -126,15 +163,29 @@ def model_geometry(model) -> dict:
     )
 
 
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def check_reindexable(model) -> None:
+    """Re-indexing rotates unrotated keys with the model's inv_freq: refuse RoPE types whose
+    frequencies depend on the positions fed (dynamic NTK, longrope)."""
+    rope = model.model.rotary_emb
+    if getattr(rope, "rope_type", "default") not in STATIC_ROPE:
+        raise ValueError(f"re-indexed positions need a RoPE with fixed frequencies ({STATIC_ROPE}); this model's "
+                         f"rope_type is {rope.rope_type!r}: use positions 'original'")
+
+
 def rope_tables(model, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (H, C, D/2), float32, of a re-rotation by `delta` positions (H, C)."""
+    """cos and sin (..., D/2), float32, of a rotation by `delta` positions (..., e.g. (H, C)); the
+    angles are computed as transformers' rotary embedding computes them (position x inv_freq, fp32)."""
     inv_freq = model.model.rotary_emb.inv_freq.to(delta.device, torch.float32)  # (D/2,)
     ang = delta[..., None].float() * inv_freq  # (H, C, D/2)
     return ang.cos(), ang.sin()
 
 
 def rope_apply(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate RoPE keys (H, C, D) (rotate_half convention) by the angles of `rope_tables`."""
+    """Rotate keys or queries (H, C, D) (rotate_half convention) by the angles of `rope_tables`
+    (H, C, D/2), in float32; the result is rounded once to the input's dtype."""
     k = keys.float()
     half = k.shape[-1] // 2
     k1, k2 = k[..., :half], k[..., half:]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..layout import ROLE_TARGET
+from ..layout import ROLE_TARGET, PositionRule, reindexed_positions
 from ..methods.base import LayerView, Method
 from . import hf
 from .store import KVStore
@@ -76,50 +76,35 @@ class Session:
             self.budgets = method.head_budgets(budget, self.geom["n_layers"], self.geom["n_kv_heads"], profile)
             self.budgets = self.budgets.to(self.device)
             self._budgets_host = self.budgets.tolist()
-        self._rot = None  # (delta, cos, sin) of the last re-rotation, shared by layers within a step
         self.stores = [make_store(method, self.geom, self.dtype, self.device, i, profile, self.budgets is not None)
                        for i in range(self.geom["n_layers"])]
-        self.cache = hf.StoreCache(self.stores)
+        self.cache = hf.StoreCache(self.stores, model)
         self.seq = 0
-        self.group_base: dict[bool, int] = {}
+        # re-indexed positions (StreamingLLM): declared by the method as a layout.PositionRule
+        self.rule: PositionRule | None = getattr(method, "position_rule", None)
+        self.first: dict = {}  # ("all" | "nonsink", is_target) -> original position of the group's first token
+        if self.rule is not None:
+            if method.storage != "dense":
+                raise ValueError(f"{method.type_name}: re-indexed positions need dense storage")
+            hf.check_reindexable(model)
+            self.max_lead = self.rule.max_lead if self.rule.max_lead is not None else \
+                (int(self.budgets.max()) if self.budgets is not None else 0)
+            self.cache.positioner = self._positions
         self.memory = MemoryStats()
         self.tokens = 0
 
     # ---- positions -----------------------------------------------------------------------
-    def _cache_positions(self, pos: torch.Tensor, is_tgt: torch.Tensor) -> torch.Tensor:
-        """Positions as ranks within the cache, per GPE group (StreamingLLM's `cache` mode)."""
-        out = torch.empty_like(pos)
-        s = self.stores[0]
-        live_tgt = s.valid[0] & (s.role[0] == ROLE_TARGET)
-        for g in (False, True):
-            sel = is_tgt == g
-            if not bool(sel.any()):
-                continue
-            base = self.group_base.setdefault(g, int(pos[sel][0]))
-            live = int(live_tgt.sum()) if g else int((s.valid[0] & ~live_tgt).sum())
-            out[sel] = base + live + torch.arange(int(sel.sum()), device=pos.device)
-        return out
+    def _note_firsts(self, seq: list[int], pos: list[int], is_tgt: list[bool]) -> None:
+        for s, p, g in zip(seq, pos, is_tgt):
+            self.first.setdefault(("all", g), p)
+            if s >= self.rule.n_sink:
+                self.first.setdefault(("nonsink", g), p)
 
-    def _reindex_positions(self, store) -> None:
-        """Re-rotate the keys whose rank within their group changed (slots are in stream order).
-        The cos/sin of the shift are reused across layers while the shift is the same (with a
-        layer-independent rule every layer evicts the same slots)."""
-        new = store.pos
-        is_tgt = store.role == ROLE_TARGET
-        for g in (False, True):
-            if g not in self.group_base:
-                continue
-            m = store.valid & (is_tgt == g)
-            rank = torch.cumsum(m, dim=1) - 1
-            new = torch.where(m, self.group_base[g] + rank, new)
-        delta = torch.where(store.valid, new - store.pos, 0)
-        if not bool(delta.any()):
-            return
-        cached = self._rot
-        if cached is None or cached[0].shape != delta.shape or not torch.equal(cached[0], delta):
-            cached = self._rot = (delta, *hf.rope_tables(self.model, delta))
-        store.set_keys(hf.rope_apply(store.k, cached[1], cached[2]))
-        store.set_pos(new)
+    def _positions(self, store) -> torch.Tensor:
+        """(H, C) positions attention applies to the store's unrotated keys (and, for the last n
+        slots, the new tokens' queries) in this forward."""
+        return reindexed_positions(self.rule, store.pos, store.seq, store.role, store.valid, self.first,
+                                   self.max_lead)
 
     # ---- feeding -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -130,12 +115,16 @@ class Session:
         for a in range(0, ids.shape[0], self.chunk_size):
             b = min(a + self.chunk_size, ids.shape[0])
             c_pos, c_role = pos[a:b], role[a:b]
-            if self.method.cache_positions:
-                c_pos = self._cache_positions(c_pos, c_role == ROLE_TARGET)
             seq = torch.arange(self.seq, self.seq + b - a, device=self.device)
-            self.cache.pending = (seq, c_pos, c_role)
+            self.cache.pending = (seq, c_pos, c_role)  # the store keeps original positions
+            model_pos = c_pos
+            if self.rule is not None:  # RoPE at position 0 is the identity: unrotated q and k
+                if len(self.first) < 4:
+                        self._note_firsts(list(range(self.seq, self.seq + b - a)), c_pos.tolist(),
+                                      (c_role == ROLE_TARGET).tolist())
+                model_pos = torch.zeros_like(c_pos)
             last = logits == "last" and b == ids.shape[0]
-            out = hf.forward(self.model, ids[a:b], c_pos, self.cache, "last" if last or logits == "last" else "all")
+            out = hf.forward(self.model, ids[a:b], model_pos, self.cache, "last" if last or logits == "last" else "all")
             if logits == "all" or last:
                 outs.append(out)
             self.seq += b - a
@@ -148,14 +137,10 @@ class Session:
     def _evict(self) -> None:
         if self.budgets is None:
             return
-        self._rot = None
         for i, s in enumerate(self.stores):
             if any(n > b for n, b in zip(s.n_live, self._budgets_host[i])):  # host counts: no sync
                 view = LayerView(s.seq, s.pos, s.role, s.valid, s.score, layer=i, ordered=s.ordered)
                 s.compact(self.method.select(view, self.budgets[i]))
-                if self.method.cache_positions:
-                    self._reindex_positions(s)
-        self._rot = None
 
     def budget_bytes(self, budget: int | None) -> int | None:
         if budget is None:

@@ -2,8 +2,9 @@
 
 Layout: one buffer per layer, (H, cap, D) for keys and values, H = KV heads, cap = allocated
 slots, of which the first C are in use (`k`, `v`, and the metadata are views of that prefix). Each
-slot carries metadata beside the tensors: `seq` (stream order, drives causality), `pos` (the RoPE
-position the key was rotated with), `role` (instruction / source / target), `valid`, and optionally
+slot carries metadata beside the tensors: `seq` (stream order, drives causality), `pos` (the original
+position: the one the key was rotated with, or, for a session that re-indexes positions, where keys are
+stored before RoPE, the one re-indexing starts from), `role` (instruction / source / target), `valid`, and optionally
 `score` (accumulated attention, for H2O-like rules). Slots of a head are kept in stream order.
 Heads may hold different numbers of live entries (head-aware budgets): C is the largest head's
 count, the others are padded.
@@ -139,7 +140,8 @@ class KVStore:
         self._views(c)
 
     def set_keys(self, k: torch.Tensor) -> None:
-        """Replace the keys of the C slots in use (RoPE re-rotation), in place."""
+        """Replace the keys of the C slots in use, in place (the engine no longer re-rotates stored
+        keys; kept for bench/positions.py's reproduction of the old engine)."""
         self._k[:, : self.c] = k
 
     def set_pos(self, pos: torch.Tensor) -> None:
