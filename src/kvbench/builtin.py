@@ -254,11 +254,12 @@ def verify_shipped(d: str) -> dict[str, str]:
     for line in open(os.path.join(d, CHECKSUMS)):
         digest, fname = line.split(None, 1)
         sums[fname.strip()] = digest
+    missing = [f for f in sums if not os.path.exists(os.path.join(d, f))]
+    if missing:
+        raise ValueError(f"shipped builtin model {d}: {', '.join(missing)} is missing; reinstall kvbench or "
+                         f"build with --train")
     for fname, digest in sums.items():
-        p = os.path.join(d, fname)
-        if not os.path.exists(p):
-            raise ValueError(f"shipped builtin model {d}: {fname} is missing; reinstall kvbench or build with --train")
-        if _sha256(p) != digest:
+        if _sha256(os.path.join(d, fname)) != digest:
             raise ValueError(f"shipped builtin model {d}: {fname} does not match its sha256 in {CHECKSUMS} "
                              f"(corrupt or edited); reinstall kvbench or build with --train")
     return sums
