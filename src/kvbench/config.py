@@ -4,13 +4,14 @@
 errors: `load_yaml`), checks every name that becomes a path component (`check_name`: no `.`, `..`,
 `/`, at most 64 characters) and every number (integers are integers, below 2^31; no NaN or
 infinity), validates it against workflow/schemas/config.schema.yaml (errors name the key), fills
-defaults, then checks what a schema cannot, all without building or loading anything: every model source parses (scheme, pinned hub
-revision, local folder, builtin recipe, random architecture); every name a study uses exists;
-method parameters match the method dataclass fields in name and type and pass the method's own
-checks (every defined method, used or not); budgets fit the methods; lengths fit the models' maximum
-positions and hold at least one synthetic sentence pair; quantization group sizes divide the models'
-head_dim; hf translation datasets name known languages; target offsets leave room for the target within the
-models' positions. Soft problems are one-line warnings on stderr (`warn`): a budget at or above a
+defaults, then checks what a schema cannot, all without building or loading anything: every model
+source parses (scheme, pinned hub revision, local folder outside the workflow's outputs, builtin
+recipe, random architecture); every name a study uses exists; method parameters match the method
+dataclass fields in name and type and pass the method's own checks (every defined method, used or
+not); budgets fit the methods; lengths fit the models' maximum positions and hold at least one
+synthetic sentence pair; quantization group sizes divide the models' head_dim; hf translation
+datasets name known languages; target offsets and latency decode steps stay within the models'
+positions. Soft problems are one-line warnings on stderr (`warn`): a budget at or above a
 length, a study that plans no job, names that differ only by case, parameters a method or task
 ignores. `job_table(cfg)` is the union of all studies' grids, deduplicated: one entry per eval
 output path.
@@ -419,7 +420,8 @@ def _check_models(cfg: dict) -> dict:
     from .models import SourceError, parse_source, source_geometry
 
     geoms = {}
-    outputs = [os.path.realpath(p) for p in ("resources", "results")]  # Snakemake's outputs (it deletes them)
+    # where the workflow writes outputs (Snakemake deletes an output before it re-runs its job)
+    outputs = [os.path.realpath(p) for p in ("resources/models", "resources/data", "results")]
     for name, m in cfg["models"].items():
         try:
             scheme, where, _ = parse_source(m["source"])

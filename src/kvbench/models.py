@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -162,17 +163,47 @@ def check_model_folder(model_dir: str, trust_remote_code: bool = False) -> None:
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{os.path.join(model_dir, 'config.json')}: cannot build a causal LM from it "
                          f"({type(e).__name__}: {e})") from None
-    if getattr(model, "_checkpoint_conversion_mapping", None):
-        return  # checkpoint names are renamed while loading: load_model checks those
+    have = _as_loaded(model, have)
+    if have is None:
+        return  # checkpoint tensors are merged or split while loading: load_model checks those
     state = model.state_dict()
     want = {k: tuple(v.shape) for k, v in state.items()}
     # tied weights appear once in named_parameters (e.g. lm_head = embeddings): either name will do
     required = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers() if n in state}
-    problems = {"missing tensors": required - set(have), "unexpected tensors": set(have) - set(want),
+    ignore = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    problems = {"missing tensors": required - set(have),
+                "unexpected tensors": {k for k in set(have) - set(want)
+                                       if not any(re.search(p, k) for p in ignore)},
                 "tensors of another shape": {f"{k} {have[k]} vs {want[k]}" for k in set(have) & set(want)
                                              if have[k] != want[k]}}
     if any(problems.values()):
         raise ValueError(f"{model_dir!r}: the weights do not match config.json: {_describe(problems)}")
+
+
+def _as_loaded(model, have: dict[str, tuple]) -> dict[str, tuple] | None:
+    """Checkpoint tensor names as transformers renames them while loading (its legacy and per-model
+    renamings, a missing base-model prefix), or None when it also merges or splits tensors."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - another transformers: compare the names as stored
+        transforms = []
+    if any(not isinstance(t, WeightRenaming) for t in transforms):
+        return None
+    out = {}
+    for key, shape in have.items():
+        for t in transforms:
+            for src, dst in zip(t.source_patterns, t.target_patterns):
+                key = re.sub(src, dst, key)
+        out[key] = shape
+    prefix = getattr(model, "base_model_prefix", "")
+    names = set(model.state_dict())
+    if prefix and not (set(out) & names) and {f"{prefix}.{k}" for k in out} & names:
+        out = {f"{prefix}.{k}": v for k, v in out.items()}
+    return out
 
 
 def parse_source(source: str) -> tuple[str, str, str | None]:
