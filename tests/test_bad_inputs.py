@@ -781,6 +781,8 @@ _warn_case("method_names_differ_only_by_case", _set("methods/Full", {"type": "fu
 _warn_case("uniform_share_fields", _set("methods/uni", {"type": "uniform", "share_local": 0.2}),
            "uniform ignores share_local")
 _warn_case("task_parameter_of_another_task", _set("tasks/ppl", {"n_decode": 8}), "'tasks/ppl'", "n_decode")
+case("validate_device_cuda_without_cuda", lambda w: ["validate", "cases/cuda/warn.yaml"], needs="nocuda",
+     setup=lambda w: w.write("cases/cuda/warn.yaml", _set("device", "cuda")()), ok=_warns("'device'", "no CUDA"))
 _warn_case("length_listed_twice", _set("studies/oracle/lengths", [128, 128]), "'studies/oracle/lengths'", "128")
 _warn_case("hf_keys_on_a_synthetic_dataset", _set("datasets/synth/src_lang", "en"), "synthetic dataset ignores src_lang")
 _warn_case("steps_for_a_random_model", _set("models/rnd", {"source": "random:qwen2.5-0.5b", "steps": 5}),

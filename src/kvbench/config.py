@@ -345,6 +345,12 @@ def _check_semantics(cfg: dict) -> None:
         if ds.get("n_samples", 4) > MAX_SAMPLES:
             raise ConfigError(f"config key 'datasets/{name}/n_samples': {ds['n_samples']} documents per cell is "
                               f"more than {MAX_SAMPLES}")
+    if cfg.get("device") == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            warn("config key 'device': cuda, but this machine has no CUDA device: jobs run here will fail "
+                 "(fine if they run on GPU nodes; `device: auto` uses CUDA where there is one)")
     n_prompts = (cfg.get("profiling") or {}).get("n_prompts", 8)
     if n_prompts > MAX_PROMPTS:
         raise ConfigError(f"config key 'profiling/n_prompts': {n_prompts} probe prompts is more than {MAX_PROMPTS}")
