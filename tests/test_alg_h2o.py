@@ -179,3 +179,18 @@ def test_scores_sum_every_query_head_and_every_query():
         assert torch.allclose(store.score.double(), expected, rtol=1e-5, atol=1e-6), (seq, store.score, expected)
     # the per-query-head parts differ, so a sum over one query head (or one query) cannot pass above
     assert store.score.shape == (HKV, 7)
+
+
+def test_h2o_select_fills_the_budget_from_older_tokens():
+    """select() on constructed scores: the recent window and the heavy hitters are disjoint, so the kept set
+    always has exactly `budget` tokens, even when the recent tokens have the highest scores; among equal
+    scores the older token wins (per head, budgets may differ)."""
+    c = 12
+    seq = torch.arange(c).expand(2, c)
+    rising = torch.arange(c, dtype=torch.float32)  # head 0: newer = more attention
+    flat = torch.ones(c)  # head 1: all equal
+    view = LayerView(seq, seq, torch.ones(2, c, dtype=torch.long), torch.ones(2, c, dtype=torch.bool),
+                     torch.stack([rising, flat]), layer=0, ordered=True)
+    keep = method_from_config("h2o", {"recent_ratio": 0.5}).select(view, torch.tensor([6, 4]))
+    assert keep[0].nonzero().flatten().tolist() == [6, 7, 8, 9, 10, 11]  # recent 9-11 + the best older 6-8
+    assert keep[1].nonzero().flatten().tolist() == [0, 1, 10, 11]  # recent 10-11 + the two oldest of the ties
