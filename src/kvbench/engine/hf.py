@@ -87,18 +87,20 @@ class StoreCache(Cache):
         self.model = model  # for its RoPE frequencies (re-indexed positions)
         self.positioner = None
         self.trace = None
-        self._tables = None  # (positions, cos, sin) of the last layer rotated, reused while equal
+        self._tables = None  # (seq, valid, cos, sin) of the last layer rotated, reused while equal
         super().__init__(layers=[StoreLayer(s, self) for s in stores])
 
     def rotation(self, store) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (H, C, D/2) float32 of the positions the positioner gives for `store`; layers
-        whose positions equal the previous layer's (every layer, under a layer-independent rule)
-        share one table."""
-        p = self.positioner(store)
+        """cos, sin (H, C, D/2) float32 of the positions the positioner gives for `store`; a layer
+        holding the same entries as the previous one (every layer, under a layer-independent rule)
+        shares its table (positions are a function of the entries and the session's state, which
+        does not change within a forward)."""
         t = self._tables
-        if t is None or t[0].shape != p.shape or not torch.equal(t[0], p):
-            t = self._tables = (p, *rope_tables(self.model, p))
-        return t[1], t[2]
+        if t is not None and t[0].shape == store.seq.shape and torch.equal(t[0], store.seq) \
+                and torch.equal(t[1], store.valid):
+            return t[2], t[3]  # same entries as the previous layer: same positions
+        self._tables = (store.seq, store.valid, *rope_tables(self.model, self.positioner(store)))
+        return self._tables[2], self._tables[3]
 
 
 def _no_mask(*args, **kwargs):

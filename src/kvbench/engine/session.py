@@ -1,10 +1,19 @@
 """A decoding session: one model, one method, one budget, one stream of tokens.
 
-`Session.feed(ids, pos, role)` runs new tokens through the model in chunks of `chunk_size`,
-evicting after every chunk (and after every decode step), so the cache never holds more than the
-per-head budget after a step and at most budget + chunk during one. Memory is measured here, from
-the tensors the stores hold, after every forward (peak, before eviction) and after every eviction
-(the steady state). Nothing in here branches on a method's name: it reads the method's flags.
+`Session.feed(ids, pos, role)` runs new tokens through the model and evicts after every forward.
+Budget (DESIGN.md "Budget semantics"): under a budget B, a query never sees more than B cached
+entries per (layer, KV head) plus itself, whatever is fed (instruction, source, target, a document
+scored for perplexity). Prefill is chunked (`chunk_size`) only where that is exact: a chunk of n
+tokens is fed in one forward only while every head's live entries + n <= its budget, i.e. while
+nothing would be evicted inside it; once a head is full, tokens go one per forward, each followed by
+an eviction back to the budget. So the cache holds at most B + 1 entries per head (B + the token being
+written) during a forward and at most B after it (quantized methods: the byte allowance; their token
+count is converted by the method), and a perplexity scored through `feed` in chunks equals the same
+document scored token by token. Without a budget (the full cache) chunks are always exact.
+
+Memory is measured here, from the tensors the stores hold, after every forward (peak, before
+eviction) and after every eviction (the steady state). Nothing in here branches on a method's name:
+it reads the method's flags (and its optional `position_rule`, see kvbench.layout.PositionRule).
 """
 
 from __future__ import annotations
@@ -111,16 +120,17 @@ class Session:
     def feed(self, ids, pos, role, logits: str = "last") -> torch.Tensor:
         """ids, pos, role: (n,) tensors or lists. Returns logits (n, V) or (1, V) of the last."""
         ids, pos, role = (torch.as_tensor(x, dtype=torch.long, device=self.device) for x in (ids, pos, role))
-        outs = []
-        for a in range(0, ids.shape[0], self.chunk_size):
-            b = min(a + self.chunk_size, ids.shape[0])
+        outs, a = [], 0
+        while a < ids.shape[0]:
+            b = a + self._chunk(ids.shape[0] - a)
             c_pos, c_role = pos[a:b], role[a:b]
             seq = torch.arange(self.seq, self.seq + b - a, device=self.device)
             self.cache.pending = (seq, c_pos, c_role)  # the store keeps original positions
+            self.cache._tables = None  # rotation tables are shared by layers within one forward only
             model_pos = c_pos
             if self.rule is not None:  # RoPE at position 0 is the identity: unrotated q and k
                 if len(self.first) < 4:
-                        self._note_firsts(list(range(self.seq, self.seq + b - a)), c_pos.tolist(),
+                    self._note_firsts(list(range(self.seq, self.seq + b - a)), c_pos.tolist(),
                                       (c_role == ROLE_TARGET).tolist())
                 model_pos = torch.zeros_like(c_pos)
             last = logits == "last" and b == ids.shape[0]
@@ -132,7 +142,17 @@ class Session:
             self.memory.observe(self.stores, after_step=False)
             self._evict()
             self.memory.observe(self.stores, after_step=True)
+            a = b
         return torch.cat(outs) if logits == "all" else outs[-1]
+
+    def _chunk(self, left: int) -> int:
+        """Tokens for the next forward: up to chunk_size while no head would pass its budget inside
+        the chunk (chunking is then exact), else one (host counts: no device sync)."""
+        n = min(self.chunk_size, left)
+        if self.budgets is None:
+            return n
+        room = min(b - x for s, bs in zip(self.stores, self._budgets_host) for x, b in zip(s.n_live, bs))
+        return max(1, min(n, room))
 
     def _evict(self) -> None:
         if self.budgets is None:
