@@ -68,8 +68,9 @@ def translation_ci(hyps: Sequence[str], refs: Sequence[str], n_resamples: int = 
     out = {}
     for metric, col in (("BLEU", "bleu"), ("chrF", "chrf")):
         base = scores[metric][0]  # the baseline's Result: score, bootstrap mean, CI half-width
-        out[f"{col}_ci_low"] = float(base.mean - base.ci)
-        out[f"{col}_ci_high"] = float(base.mean + base.ci)
+        # sacreBLEU reports mean +- half-width; near 0 or 100 that can leave the scale: clip to it
+        out[f"{col}_ci_low"] = float(min(max(base.mean - base.ci, 0.0), 100.0))
+        out[f"{col}_ci_high"] = float(min(max(base.mean + base.ci, 0.0), 100.0))
     return out
 
 
