@@ -122,3 +122,24 @@ def test_local_rule_h2o_with_equal_shares_is_h2o(tiny, docs):
                 assert got == list(range(4)) + list(range(n - 12, n))
             else:
                 assert got == kept(b[0])[li][h]
+
+
+def test_head_budgets_follow_each_layers_types():
+    """Per layer: budgets sum to the uniform total, every head keeps n_sink + 1, and the rest is split in
+    proportion to the shares of the head's own type in its own layer (within one token)."""
+    from types import SimpleNamespace
+
+    types = [["retrieval", "induction", "local", "local"], ["local", "retrieval", "local", "induction"],
+             ["induction", "induction", "retrieval", "local"], ["local", "local", "local", "local"]]
+    m = method_from_config("head_aware", {})
+    shares = {"retrieval": 2.0, "induction": 1.0, "local": 0.5}
+    for budget in (16, 100, 1000):
+        b = m.head_budgets(budget, 4, 4, SimpleNamespace(types=types))
+        assert b.shape == (4, 4) and bool((b.sum(1) == budget * 4).all())
+        for li, layer in enumerate(types):
+            w = [shares[t] for t in layer]
+            free = budget * 4 - 4 * (m.n_sink + 1)
+            for h, t in enumerate(layer):
+                assert abs(int(b[li, h]) - (m.n_sink + 1) - free * w[h] / sum(w)) < 1, (budget, li, h, t)
+    u = method_from_config("uniform", {}).head_budgets(100, 4, 4, SimpleNamespace(types=types))
+    assert bool((u == 100).all())  # the ablation partner: equal budgets, same total
