@@ -22,10 +22,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm import tqdm
 
 from . import layout, synth
 from .io import MARKER, atomic_dir
+from .progress import progress
 
 RECIPES = {
     # name -> training recipe; "tiny-synth" is the real one, "micro-synth" is for fast tests only
@@ -178,7 +178,7 @@ def train(name: str, out: str, seed: int = 0, steps: int | None = None, log=None
         print(f"resuming training from {ckpt} at step {start}/{recipe.steps}", file=log)
     t0 = time.perf_counter() - elapsed
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
-    bar = tqdm(range(start, end), desc=f"train {name}", file=log, mininterval=10, initial=start,
+    bar = progress(range(start, end), desc=f"train {name}", file=log, mininterval=10, initial=start,
                total=recipe.steps)
     for step in bar:
         length = rng.choice(recipe.lengths)
