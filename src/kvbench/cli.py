@@ -194,8 +194,11 @@ def cmd_profile(a) -> None:
 def cmd_validate(a) -> None:
     from .config import job_table, load_config
 
+    from .estimate import format_estimates, study_estimates
+
     cfg = load_config(a.config)
     print(f"{a.config}: valid, {len(job_table(cfg))} eval jobs")
+    print(format_estimates(study_estimates(cfg)))
 
 
 def main(argv=None) -> None:

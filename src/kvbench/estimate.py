@@ -13,7 +13,8 @@ need attention scores cost 1.1x per step and quantized ones 1.3x (their CPU over
 bench/decode.py). The forward count per document follows each task's loop: streaming translation
 and token-by-token perplexity of evicting methods take one forward per token, `full` perplexity
 one per chunk, batch translation one per target token after a chunked prefill, latency a chunked
-prefill plus warm-up and measured steps. Real runs differ with the card, the attention kernel and
+prefill plus warm-up and measured steps. The overhead is a ~30-layer model's, so tiny models (the
+builtin one) are overestimated. Real runs differ with the card, the attention kernel and
 the document lengths a dataset really gives.
 """
 
