@@ -235,3 +235,64 @@ def rope_ref_dtype(model, x_pre: torch.Tensor, positions: list[int]) -> torch.Te
     x = x_pre.transpose(0, 1)[None]
     r, _ = apply_rotary_pos_emb(x, x, cos, sin)
     return r[0]
+
+
+# ---- the GPE-consistent mode (`shifted`, the default) ------------------------------------------------
+def test_default_is_gpe_consistent():
+    m = method_from_config("streaming_llm", {})
+    assert m.positions == "shifted" and m.position_rule.mode == "shifted"
+    assert method_from_config("streaming_llm", {"positions": "original"}).position_rule is None
+
+
+def test_shifted_without_sinks_equals_original_logits(tiny, docs):
+    """No sinks: `shifted` only moves every entry by one shared amount, so at every step of an
+    evicting GPE stream (teacher-forced wait-3, budget 24) the logits equal `original`'s."""
+    model = tiny[0]
+    s = teacher_stream(tiny, docs)
+    a = Session(model, method_from_config("streaming_llm", {"n_sink": 0, "positions": "shifted"}), 24, chunk_size=1)
+    b = Session(model, method_from_config("streaming_llm", {"n_sink": 0, "positions": "original"}), 24, chunk_size=1)
+    la = a.feed(s.ids, s.pos, s.role, logits="all")
+    lb = b.feed(s.ids, s.pos, s.role, logits="all")
+    assert a.max_position < 24 + 24 < b.max_position  # bounded vs the stream's own positions
+    assert float((la - lb).abs().max()) < 1e-4
+
+
+def oracle_stream(tiny, docs):
+    """The oracle layout (whole source, then the target from position 0): one group runs far ahead."""
+    model, tok, d = tiny
+    p = Prompter(tok, d, "syn_src", "syn_tgt")
+    return tasks.document_stream(p, docs[192][0], k=layout.WAIT_INF)[0]
+
+
+@pytest.mark.parametrize("layout_name,budget,max_lead", [("wait3", 16, None), ("wait3", 40, None),
+                                                        ("oracle", 24, None), ("oracle", 24, 8)])
+def test_shifted_positions_bounded_sinks_fixed_offsets_kept(tiny, docs, layout_name, budget, max_lead):
+    """At every forward: positions in [0, B + W] (W = max_lead, default the budget; target_offset 0);
+    the sinks at their original positions; every non-sink entry moved by one shared shift (so every
+    offset between non-sinks, within and across groups, is the one without eviction) unless one
+    group's advance runs more than W ahead of the other's (the oracle layout), where only the
+    leading group is shifted further."""
+    model = tiny[0]
+    s = teacher_stream(tiny, docs) if layout_name == "wait3" else oracle_stream(tiny, docs)
+    params = {"n_sink": 4, "positions": "shifted"} | ({"max_lead": max_lead} if max_lead is not None else {})
+    sess = Session(model, method_from_config("streaming_llm", params), budget, chunk_size=8)
+    sess.cache.trace = []
+    sess.feed(s.ids, s.pos, s.role)
+    w = budget if max_lead is None else max_lead
+    orig, tgt = torch.tensor(s.pos), torch.tensor(s.role) == layout.ROLE_TARGET
+    capped = 0
+    for call in sess.cache.trace:
+        for h in range(call["kpos"].shape[0]):
+            v = call["kvalid"][h]
+            seq, p = call["kseq"][h][v], call["kpos"][h][v]
+            assert int(p.min()) >= 0 and int(p.max()) <= budget + w, (int(p.max()), budget + w)
+            sink = seq < 4
+            assert torch.equal(p[sink], orig[seq[sink]])
+            shift = orig[seq[~sink]] - p[~sink]
+            for g in (False, True):  # one shift per group ...
+                sg = shift[tgt[seq[~sink]] == g]
+                assert sg.numel() == 0 or bool((sg == sg[0]).all())
+            if shift.unique().numel() > 1:  # ... and one shared by both groups unless capped
+                capped += 1
+                assert layout_name == "oracle"
+    assert (capped > 0) == (layout_name == "oracle" and w < 100)

@@ -79,7 +79,8 @@ class StoreCache(Cache):
     `positioner`: None (keys arrive rotated at their positions), or a callable store -> (H, C)
     positions at which attention rotates unrotated queries and keys (re-indexed positions).
     `trace`: None, or a list to which attention appends what it consumed, per layer and forward:
-    dict(layer, q (Hq, n, D), k (H, C, D) as rotated for attention, kseq, kvalid (H, C), qseq (n,))
+    dict(layer, q (Hq, n, D), k (H, C, D) as rotated for attention, kseq, kvalid, kpos (H, C): the
+    positions attention used, qseq (n,))
     (tests and debugging; costs a copy per layer)."""
 
     def __init__(self, stores, model=None):
@@ -87,7 +88,8 @@ class StoreCache(Cache):
         self.model = model  # for its RoPE frequencies (re-indexed positions)
         self.positioner = None
         self.trace = None
-        self._tables = None  # (seq, valid, cos, sin) of the last layer rotated, reused while equal
+        self._tables = None  # (seq, valid, positions, cos, sin) of the last layer rotated, reused while equal
+        self.max_position = -1  # largest re-indexed position attention has rotated a query or key to
         super().__init__(layers=[StoreLayer(s, self) for s in stores])
 
     def rotation(self, store) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +100,11 @@ class StoreCache(Cache):
         t = self._tables
         if t is not None and t[0].shape == store.seq.shape and torch.equal(t[0], store.seq) \
                 and torch.equal(t[1], store.valid):
-            return t[2], t[3]  # same entries as the previous layer: same positions
-        self._tables = (store.seq, store.valid, *rope_tables(self.model, self.positioner(store)))
-        return self._tables[2], self._tables[3]
+            return t[3], t[4]  # same entries as the previous layer: same positions
+        p = self.positioner(store)
+        self.max_position = max(self.max_position, int(p[store.valid].max()))
+        self._tables = (store.seq, store.valid, p, *rope_tables(self.model, p))
+        return self._tables[3], self._tables[4]
 
 
 def _no_mask(*args, **kwargs):
@@ -124,7 +128,8 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
         query = rope_apply(query[0], qc, qs)[None]
     if cache.trace is not None:
         cache.trace.append(dict(layer=module.layer_idx, q=query[0].detach().clone(), k=key[0].detach().clone(),
-                                kseq=store.seq.clone(), kvalid=store.valid.clone(), qseq=seq.clone()))
+                                kseq=store.seq.clone(), kvalid=store.valid.clone(), qseq=seq.clone(),
+                                kpos=(cache._tables[2] if cache.positioner is not None else store.pos).clone()))
     mask = store.mask(seq, role == ROLE_TARGET, ROLE_TARGET)  # (Hkv, n, C)
     scaling = module.scaling if scaling is None else scaling
     if store.score is None and store.recorded is None:

@@ -101,6 +101,17 @@ class Session:
             self.cache.positioner = self._positions
         self.memory = MemoryStats()
         self.tokens = 0
+        self._max_fed = -1
+
+    @property
+    def max_position(self) -> int:
+        """The largest RoPE position any query or key has been given so far: the positions fed, or,
+        under re-indexed positions, the largest one attention rotated to (bounded by the rule)."""
+        return self.cache.max_position if self.rule is not None else self._max_fed
+
+    def positions_of(self, store) -> torch.Tensor:
+        """(H, C) the positions attention gives the store's entries now (tests, analysis)."""
+        return self._positions(store) if self.rule is not None else store.pos
 
     # ---- positions -----------------------------------------------------------------------
     def _note_firsts(self, seq: list[int], pos: list[int], is_tgt: list[bool]) -> None:
@@ -128,7 +139,9 @@ class Session:
             self.cache.pending = (seq, c_pos, c_role)  # the store keeps original positions
             self.cache._tables = None  # rotation tables are shared by layers within one forward only
             model_pos = c_pos
-            if self.rule is not None:  # RoPE at position 0 is the identity: unrotated q and k
+            if self.rule is None:
+                self._max_fed = max(self._max_fed, int(c_pos.max()))
+            else:  # RoPE at position 0 is the identity: unrotated q and k
                 if len(self.first) < 4:
                     self._note_firsts(list(range(self.seq, self.seq + b - a)), c_pos.tolist(),
                                       (c_role == ROLE_TARGET).tolist())
