@@ -167,3 +167,17 @@ def test_value_errors():
         quantize(torch.tensor([[0.0, 1e7] * 8]), 4, 16, "token")  # scale overflows fp16
     q = quantize(torch.tensor([[-1e6, 1e6] * 8]), 4, 16, "token", scale_dtype=torch.float32)
     assert torch.allclose(q.dequantize(), torch.tensor([[-1e6, 1e6] * 8]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("bits", QBITS)
+def test_grid_uses_every_code(bits, axis):
+    """min/max quantization spans all 2**bits codes: a group holding the integers 0 .. 2**bits - 1 has scale 1
+    and round-trips exactly, its maximum stored as the top code."""
+    n = 1 << bits
+    g = 64 if bits == 8 else 16
+    ramp = torch.round(torch.linspace(0, n - 1, g))  # integers in [0, 2**bits - 1], both ends present
+    x = ramp.expand(g, g).clone() if axis == "token" else ramp[:, None].expand(g, g).clone()
+    q = quantize(x, bits, g, axis)
+    assert torch.equal(q.dequantize(), x)
+    assert torch.all(q.scale == 1) and int(unpack_codes(q.packed, bits, g).max()) == n - 1
