@@ -1,11 +1,13 @@
 """Shared fixtures (a tiny random-weight model in the builtin format, loaded once per session; planted
 attention heads) and the test tiers.
 
-Tiers (markers, given here by file and fixture; see `pytest_collection_modifyitems`):
+Tiers (markers given here by fixture and file, see `pytest_collection_modifyitems`; an explicit mark wins):
     unit      tensor-level tests, no model: seconds        python -m pytest -q -m unit
     model     the tiny model (method matrix, engine, profiling properties)   -m model
     pipeline  CLI, data, resume, aggregation (subprocesses, files)          -m pipeline
     dag       Snakemake on the tiny config;  slurm: a real single-node Slurm
+A test that takes the tiny model is `model`, any other is `unit`, except in PIPELINE_FILES (whole files
+of subprocess / pipeline tests): add a new file of that kind there.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import os
 import pytest
 import torch
 
-# files whose tests are tensor-level unless they take the model; every other file's tests are "pipeline"
-UNIT_FILES = ("test_quant.py", "test_metrics.py")
-MODEL_FILES = ("test_engine.py", "test_head_aware.py", "test_quant_methods.py")
+# files of CLI / subprocess / pipeline-output tests: their tests are "pipeline" whatever fixtures they take
+PIPELINE_FILES = ("test_aggregate.py", "test_bad_inputs.py", "test_dag.py", "test_data_models.py", "test_install.py",
+                  "test_long_docs.py", "test_resume.py", "test_shipped_model.py", "test_slurm.py")
 MODEL_FIXTURES = ("tiny", "tiny_model_dir", "planted_profile")
 TIERS = {
     "unit": "tensor-level tests with no model (seconds)",
@@ -243,15 +245,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Give every test one tier unless it has one (or is dag / slurm): in the algorithm files
-    (test_alg_*, UNIT_FILES, MODEL_FILES) a test is `model` if it takes the tiny model, else `unit`;
-    tests of every other file are `pipeline`."""
+    """Give every test one tier unless it has one (or is dag / slurm)."""
     for item in items:
         if any(item.get_closest_marker(m) for m in (*TIERS, "dag", "slurm")):
             continue
-        name = item.path.name
-        uses_model = any(f in item.fixturenames for f in MODEL_FIXTURES)
-        if name.startswith("test_alg_") or name in UNIT_FILES or name in MODEL_FILES:
-            item.add_marker(pytest.mark.model if uses_model else pytest.mark.unit)
-        else:
+        if item.path.name in PIPELINE_FILES:
             item.add_marker(pytest.mark.pipeline)
+        elif any(f in item.fixturenames for f in MODEL_FIXTURES):
+            item.add_marker(pytest.mark.model)
+        else:
+            item.add_marker(pytest.mark.unit)
