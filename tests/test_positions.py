@@ -285,7 +285,7 @@ def test_shifted_positions_bounded_sinks_fixed_offsets_kept(tiny, docs, layout_n
         for h in range(call["kpos"].shape[0]):
             v = call["kvalid"][h]
             seq, p = call["kseq"][h][v], call["kpos"][h][v]
-            assert int(p.min()) >= 0 and int(p.max()) <= budget + w, (int(p.max()), budget + w)
+            assert int(p.min()) >= 0 and int(p.max()) <= budget + w == sess.rule.bound(budget), (int(p.max()), budget + w)
             sink = seq < 4
             assert torch.equal(p[sink], orig[seq[sink]])
             shift = orig[seq[~sink]] - p[~sink]

@@ -142,6 +142,14 @@ class PositionRule:
         if self.mode not in REINDEX_MODES:
             raise ValueError(f"position re-indexing mode must be one of {REINDEX_MODES}, got {self.mode!r}")
 
+    def bound(self, budget: int, target_offset: int = 0) -> int:
+        """Largest position a query or key can be given under this rule at budget B (per-head budgets:
+        the largest), whatever the stream's length: B + W + target_offset for `shifted` (W = max_lead,
+        default B), B + target_offset for `cache` (ranks)."""
+        if self.mode == "cache":
+            return budget + target_offset
+        return budget + (self.max_lead if self.max_lead is not None else budget) + target_offset
+
 
 def reindexed_positions(rule: PositionRule, pos: torch.Tensor, seq: torch.Tensor, role: torch.Tensor,
                         valid: torch.Tensor, first: dict, max_lead: int) -> torch.Tensor:
