@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import layout, synth
-from .io import MARKER, atomic_dir
+from .io import MARKER, atomic_dir, sha256_file
 from .progress import progress
 
 RECIPES = {
@@ -238,16 +238,6 @@ def shipped_dir(name: str) -> str | None:
     return d if os.path.exists(os.path.join(d, CHECKSUMS)) else None
 
 
-def _sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_shipped(d: str) -> dict[str, str]:
     """Check every file of a shipped folder against its SHA256SUMS; ValueError naming the first mismatch."""
     sums = {}
@@ -259,7 +249,7 @@ def verify_shipped(d: str) -> dict[str, str]:
         raise ValueError(f"shipped builtin model {d}: {', '.join(missing)} is missing; reinstall kvbench or "
                          f"build with --train")
     for fname, digest in sums.items():
-        if _sha256(os.path.join(d, fname)) != digest:
+        if sha256_file(os.path.join(d, fname)) != digest:
             raise ValueError(f"shipped builtin model {d}: {fname} does not match its sha256 in {CHECKSUMS} "
                              f"(corrupt or edited); reinstall kvbench or build with --train")
     return sums
@@ -285,7 +275,7 @@ def ship(model_dir: str, name: str, commit: str, dest_root: str = SHIPPED) -> st
             json.dump({**info, "trained_at_commit": commit}, fh, indent=2)
         files.append("build_info.json")
         with open(os.path.join(tmp, CHECKSUMS), "w") as fh:
-            fh.writelines(f"{_sha256(os.path.join(tmp, f))}  {f}\n" for f in files)
+            fh.writelines(f"{sha256_file(os.path.join(tmp, f))}  {f}\n" for f in files)
     return dest
 
 

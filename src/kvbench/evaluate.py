@@ -31,7 +31,7 @@ from . import __version__, schema, tasks
 from .config import INT_MAX, TASK_DEFAULTS, TASK_PARAMS, TASK_USES, check_int, check_name, parse_budget, warn
 from .data import read_docs
 from .engine.session import Session
-from .io import OutputError, check_out_file
+from .io import OutputError, check_out_file, sha256_file
 from .models import load_model, resolve_device
 from .progress import progress
 
@@ -218,16 +218,6 @@ def _check_writable(out: str) -> None:
         raise OSError(f"cannot write {out}: {e.strerror or e} ({d})") from None
 
 
-def _sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _open_sidecar(partial: str, identity: dict, log=None) -> None:
     """Make `<out>.partial/` hold only samples of this very job: a folder made by another job
     (parameters, budget, model revision, data, config hash...) or without its `job.json` is cleared."""
@@ -370,7 +360,7 @@ def run_eval(*, model_dir: str, task: str, data: str, method: str, method_type: 
     )
     identity = json.loads(json.dumps(dict(
         {k: v for k, v in base.items() if k not in _VOLATILE}, chunk_size=chunk_size,
-        task_params=task_params, data_sha256=_sha256(data)), default=str))
+        task_params=task_params, data_sha256=sha256_file(data)), default=str))
     partial = out + ".partial"
     _open_sidecar(partial, identity, log)
     for doc in progress(docs, desc=f"{task} {method} L{length} B{base['budget']}", file=log):
