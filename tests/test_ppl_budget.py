@@ -1,7 +1,8 @@
 """The budget holds for every scored token (DESIGN.md "Budget semantics"), on a tiny random model.
 
 - Perplexity of every evicting method, fed in prefill chunks (the ppl task's way), equals the same
-  document fed one token per forward: chunking is only used where it is exact.
+  document fed one token per forward: a chunk in which a head would pass its budget runs stepwise
+  (each token appended, attended and evicted in turn in every layer), or as one-token forwards.
 - No query ever sees more than B cached entries per (layer, KV head) plus itself: checked on every
   attention call (`StoreCache.trace`), for ppl and for streaming translation (instruction + k words
   prefill, READ words, WRITE tokens); a forward of several tokens only happens while nothing is evicted.
@@ -64,6 +65,18 @@ def test_ppl_equals_token_by_token(tiny, docs, name):
     assert check_visible(chunked, dense) > 100  # the budget was binding for most of the document
     if dense:
         assert chunked.memory.row()["retained_tokens_peak"] <= BUDGET + 1
+
+
+def test_one_token_forwards_fallback(tiny, docs):
+    """With stepwise chunks off, an evicting chunk becomes one-token forwards: the same NLL."""
+    model, tok, d = tiny
+    p = Prompter(tok, d, "syn_src", "syn_tgt")
+    a, b = session(model, "h2o", 64), session(model, "h2o", 1)
+    a.stepwise = False
+    a.cache.trace = []
+    ra, rb = tasks.perplexity(a, p, docs[192][1], 3), tasks.perplexity(b, p, docs[192][1], 3)
+    assert abs(ra["nll_sum"] - rb["nll_sum"]) <= 1e-5 * abs(rb["nll_sum"])
+    assert check_visible(a, True) > 100 and a.memory.row()["retained_tokens_peak"] == BUDGET + 1
 
 
 @pytest.mark.parametrize("name", ["h2o", "streaming_llm"])

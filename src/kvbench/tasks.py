@@ -11,9 +11,10 @@
 Budget during prefill (every task feeds through `Session.feed`, see kvbench.engine.session): under a
 budget B, every token fed, whether instruction, source word (the k wait words and every READ), target
 token (WRITE) or a document token scored for perplexity, is computed with at most B cached entries per
-(layer, KV head) visible, plus itself. A multi-token feed runs as one forward only while the whole of it
-fits in every head's budget (nothing is evicted inside it, so chunking is exact); past that, tokens go
-one per forward, each followed by an eviction back to B. Hence `ppl` of an evicting method equals its
+(layer, KV head) visible, plus itself. A multi-token feed runs as a plain forward only while the whole
+of it fits in every head's budget (nothing is evicted inside it, so chunking is exact); past that, the
+session runs it stepwise (each token appended, attended and evicted back to B in turn, in every layer:
+what one-token forwards compute). Hence `ppl` of an evicting method equals its
 token-by-token value whatever `chunk_size` is, and the cache holds at most B + 1 entries per head (B +
 the token being written) during a forward (`retained_tokens_peak` <= B + 1 for token budgets).
 """
@@ -42,9 +43,9 @@ def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> d
     token (or the target-start marker), fed only after the READ before it, as in training. With
     multi-token words, the token that begins the next word is chosen before that READ (one-token
     look-ahead). Under a budget B, the instruction + k wait words, every READ and every WRITE token
-    each see at most B cached entries per head plus themselves (the session splits a feed that would
-    pass the budget into one-token forwards), so the source KV the target reads was itself computed
-    within the budget."""
+    each see at most B cached entries per head plus themselves (the session runs a feed that would
+    pass the budget stepwise), so the source KV the target reads was itself computed within the
+    budget."""
     src = prompter.words(doc["source"])
     if not src:
         raise ValueError(f"sample {doc['id']}: empty source document")
@@ -124,9 +125,9 @@ def document_stream(prompter, doc: dict, k: int, target_offset: int = 0) -> tupl
 
 
 def perplexity(session, prompter, doc: dict, k: int, target_offset: int = 0) -> dict:
-    """NLL of the document's labels, fed in `chunk_size` pieces; the session runs a piece in one
-    forward only while nothing is evicted inside it, so every scored token is predicted from at most
-    B cached entries per head (+ itself): the value equals the token-by-token one."""
+    """NLL of the document's labels, fed in `chunk_size` pieces; the session evicts inside a piece
+    token by token (stepwise), so every scored token is predicted from at most B cached entries per
+    head (+ itself): the value equals the token-by-token one."""
     s, labels = document_stream(prompter, doc, k, target_offset)
     nll, n, c = 0.0, 0, session.chunk_size
     for a in range(0, len(s.ids), c):

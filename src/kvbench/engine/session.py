@@ -1,18 +1,23 @@
 """A decoding session: one model, one method, one budget, one stream of tokens.
 
-`Session.feed(ids, pos, role)` runs new tokens through the model and evicts after every forward.
+`Session.feed(ids, pos, role)` runs new tokens through the model in forwards of up to `chunk_size`.
 Budget (DESIGN.md "Budget semantics"): under a budget B, a query never sees more than B cached
 entries per (layer, KV head) plus itself, whatever is fed (instruction, source, target, a document
-scored for perplexity). Prefill is chunked (`chunk_size`) only where that is exact: a chunk of n
-tokens is fed in one forward only while every head's live entries + n <= its budget, i.e. while
-nothing would be evicted inside it; once a head is full, tokens go one per forward, each followed by
-an eviction back to the budget. So the cache holds at most B + 1 entries per head (B + the token being
-written) during a forward and at most B after it (quantized methods: the byte allowance; their token
-count is converted by the method), and a perplexity scored through `feed` in chunks equals the same
-document scored token by token. Without a budget (the full cache) chunks are always exact.
+scored for perplexity). A chunk in which no head would pass its budget runs as usual (append all,
+attend, evict after the forward: nothing is evicted inside it, so this is exact). A chunk in which a
+head would pass its budget runs *stepwise*: the model still computes projections and MLPs for the n
+tokens at once, but in every layer the attention function appends token i, attends its query and
+has the session evict that layer back to its budget before token i + 1 (hf.StoreCache.stepwise) --
+exactly what n one-token forwards compute, layer by layer, at about half their cost. (`stepwise =
+False` gives the one-token forwards.) So the cache holds at most B + 1 entries per head (B + the
+token being written; quantized methods: their byte allowance) at any time, and a perplexity scored
+through `feed` in chunks equals the same document scored token by token. The K/V of a stepwise
+chunk's tokens not yet appended are a transient of the forward (at most chunk_size tokens per layer,
+as in any prefill chunk), not cache. Without a budget (the full cache) chunks are plain.
 
 Memory is measured here, from the tensors the stores hold, after every forward (peak, before
-eviction) and after every eviction (the steady state). Nothing in here branches on a method's name:
+eviction) and after every eviction (the steady state); a stepwise chunk contributes one snapshot
+per token, summed over layers. Nothing in here branches on a method's name:
 it reads the method's flags (and its optional `position_rule`, see kvbench.layout.PositionRule).
 """
 
@@ -41,11 +46,15 @@ class MemoryStats:
 
     def observe(self, stores, after_step: bool) -> None:
         """Bytes from the stores' allocations and host-side live counts: no device work."""
-        b = sum(s.nbytes() for s in stores)
+        self.observe_totals([layer_stats(s) for s in stores], after_step)
+
+    def observe_totals(self, per_layer: list[tuple], after_step: bool) -> None:
+        """Same, from per-layer (bytes, live bytes, metadata bytes, mean live tokens) snapshots."""
+        b, live, meta, tokens = (sum(x) for x in zip(*per_layer))
         self.bytes_peak = max(self.bytes_peak, b)
-        self.live_bytes_peak = max(self.live_bytes_peak, sum(s.live_bytes() for s in stores))
-        self.meta_bytes_peak = max(self.meta_bytes_peak, sum(s.meta_bytes() for s in stores))
-        retained = sum(sum(s.n_live) / len(s.n_live) for s in stores) / len(stores)
+        self.live_bytes_peak = max(self.live_bytes_peak, live)
+        self.meta_bytes_peak = max(self.meta_bytes_peak, meta)
+        retained = tokens / len(per_layer)
         self.retained_peak = max(self.retained_peak, retained)
         if after_step:
             self.steps += 1
@@ -62,6 +71,10 @@ class MemoryStats:
         )
 
 
+def layer_stats(s) -> tuple:
+    return s.nbytes(), s.live_bytes(), s.meta_bytes(), sum(s.n_live) / len(s.n_live)
+
+
 def make_store(method: Method, geom: dict, dtype, device, layer: int, profile=None, bounded: bool = False):
     """bounded: a budget applies (dense buffers then grow exactly, never with slack)."""
     if method.storage == "dense":
@@ -73,6 +86,8 @@ def make_store(method: Method, geom: dict, dtype, device, layer: int, profile=No
 
 
 class Session:
+    stepwise = True  # evicting chunks run stepwise inside one forward (False: one-token forwards)
+
     def __init__(self, model, method: Method, budget: int | None, chunk_size: int = 64, profile=None):
         hf.prepare_model(model)
         self.model, self.method, self.chunk_size = model, method, chunk_size
@@ -133,11 +148,15 @@ class Session:
         ids, pos, role = (torch.as_tensor(x, dtype=torch.long, device=self.device) for x in (ids, pos, role))
         outs, a = [], 0
         while a < ids.shape[0]:
-            b = a + self._chunk(ids.shape[0] - a)
+            n, stepwise = self._chunk(ids.shape[0] - a)
+            b = a + n
             c_pos, c_role = pos[a:b], role[a:b]
             seq = torch.arange(self.seq, self.seq + b - a, device=self.device)
             self.cache.pending = (seq, c_pos, c_role)  # the store keeps original positions
-            self.cache._tables = None  # rotation tables are shared by layers within one forward only
+            self.cache._tables = {}  # rotation tables are shared by layers within one forward only
+            if stepwise:
+                self.cache.stepwise = self
+                self._steps = [[None] * n for _ in range(2 * len(self.stores))]
             model_pos = c_pos
             if self.rule is None:
                 self._max_fed = max(self._max_fed, int(c_pos.max()))
@@ -147,33 +166,63 @@ class Session:
                                       (c_role == ROLE_TARGET).tolist())
                 model_pos = torch.zeros_like(c_pos)
             last = logits == "last" and b == ids.shape[0]
-            out = hf.forward(self.model, ids[a:b], model_pos, self.cache, "last" if last or logits == "last" else "all")
+            try:
+                out = hf.forward(self.model, ids[a:b], model_pos, self.cache, "last" if last or logits == "last" else "all")
+            finally:
+                self.cache.stepwise = None
             if logits == "all" or last:
                 outs.append(out)
             self.seq += b - a
             self.tokens += b - a
-            self.memory.observe(self.stores, after_step=False)
-            self._evict()
-            self.memory.observe(self.stores, after_step=True)
+            if stepwise:  # per-token memory snapshots, summed over layers as n one-token forwards see them
+                nl = len(self.stores)
+                for i in range(n):
+                    self.memory.observe_totals([self._steps[li][i] for li in range(nl)], after_step=False)
+                    self.memory.observe_totals([self._steps[nl + li][i] for li in range(nl)], after_step=True)
+            else:
+                self.memory.observe(self.stores, after_step=False)
+                self._evict()
+                self.memory.observe(self.stores, after_step=True)
             a = b
         return torch.cat(outs) if logits == "all" else outs[-1]
 
-    def _chunk(self, left: int) -> int:
-        """Tokens for the next forward: up to chunk_size while no head would pass its budget inside
-        the chunk (chunking is then exact), else one (host counts: no device sync)."""
+    def _chunk(self, left: int) -> tuple[int, bool]:
+        """(tokens for the next forward, stepwise). Up to chunk_size tokens; when a head would pass
+        its budget inside them, they run stepwise (appended, attended and evicted one at a time in
+        every layer: exact), or, with `stepwise` off, as one-token forwards (host counts: no sync)."""
         n = min(self.chunk_size, left)
         if self.budgets is None:
-            return n
+            return n, False
         room = min(b - x for s, bs in zip(self.stores, self._budgets_host) for x, b in zip(s.n_live, bs))
-        return max(1, min(n, room))
+        if n <= room:
+            return n, False
+        if self.stepwise and n > 1:
+            return n, True
+        return max(1, min(n, room)), False
 
     def _evict(self) -> None:
         if self.budgets is None:
             return
-        for i, s in enumerate(self.stores):
-            if any(n > b for n, b in zip(s.n_live, self._budgets_host[i])):  # host counts: no sync
-                view = LayerView(s.seq, s.pos, s.role, s.valid, s.score, layer=i, ordered=s.ordered)
-                s.compact(self.method.select(view, self.budgets[i]))
+        for i in range(len(self.stores)):
+            self._evict_layer(i)
+
+    def _evict_layer(self, i: int) -> None:
+        s = self.stores[i]
+        if any(n > b for n, b in zip(s.n_live, self._budgets_host[i])):  # host counts: no sync
+            view = LayerView(s.seq, s.pos, s.role, s.valid, s.score, layer=i, ordered=s.ordered)
+            s.compact(self.method.select(view, self.budgets[i]))
+
+    # ---- stepwise forwards (called by hf.kvbench_attention, layer by layer) --------------------
+    def step_append(self, layer: int, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append token i of this forward to `layer`'s store: k, v (H, 1, D)."""
+        seq, pos, role = self.cache.pending
+        s = self.stores[layer]
+        s.append(k, v, seq[i:i + 1], pos[i:i + 1], role[i:i + 1])
+        self._steps[layer][i] = layer_stats(s)
+
+    def step_evict(self, layer: int, i: int) -> None:
+        self._evict_layer(layer)
+        self._steps[len(self.stores) + layer][i] = layer_stats(self.stores[layer])
 
     def budget_bytes(self, budget: int | None) -> int | None:
         if budget is None:
