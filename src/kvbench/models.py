@@ -92,10 +92,24 @@ def source_geometry(source: str) -> dict | None:
 
         return {"max_positions": Recipe(**RECIPES[name]).max_positions, "head_dim": BUILTIN_HEAD_DIM}
     if scheme == "random":
+        _check_served(RANDOM_ARCHS[name]["arch"], source)
         return _geometry(RANDOM_ARCHS[name])
     if scheme == "path":
-        return folder_geometry(name)
+        geom = folder_geometry(name)
+        with open(os.path.join(name, "config.json"), encoding="utf-8") as f:
+            _check_served(json.load(f).get("model_type"), source)
+        return geom
     return None
+
+
+def _check_served(model_type, source: str) -> None:
+    """ValueError naming an architecture the cache engine cannot serve (kvbench validate, before any build)."""
+    from .engine.hf import check_architecture
+
+    try:
+        check_architecture(model_type)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def folder_geometry(model_dir: str) -> dict:

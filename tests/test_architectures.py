@@ -1,0 +1,151 @@
+"""The engine on every architecture it claims (issue #21): a tiny random-weight config of each, built
+with transformers' own config class. (a) The full cache decodes greedily exactly as `model.generate`
+does, with the same logits token by token; (b) every registered method runs at a tight budget with
+the budget holding after every step; (c) re-indexed positions (StreamingLLM) at a budget above the
+length reproduce the full cache (the engine's own RoPE: partial rotary, per-layer-type frequencies).
+
+Run: OMP_NUM_THREADS=1 pytest tests/test_architectures.py
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import transformers
+
+from kvbench.engine.session import Session
+from kvbench.methods import REGISTRY, method_from_config
+from kvbench.profiling import HeadProfile
+
+VOCAB = 96
+SMALL = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+WINDOW = 8  # sliding layers: far shorter than prompt + generation, so the window matters
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL, num_key_value_heads=2),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=WINDOW),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**SMALL, rotary_pct=0.25, use_parallel_residual=True),
+    "phi3": lambda: transformers.Phi3Config(**SMALL, num_key_value_heads=2),
+    # soft-capping at 1.0: random-weight logits are small, a realistic cap (50) would never bite
+    "gemma2": lambda: transformers.Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=32, sliding_window=WINDOW,
+                                                attn_logit_softcapping=1.0, final_logit_softcapping=30.0,
+                                                query_pre_attn_scalar=24),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(**SMALL, num_key_value_heads=2, head_dim=32,
+                                                         sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                                         layer_types=["sliding_attention", "full_attention"]),
+}
+ARCHS = sorted(CONFIGS)
+PROMPT, NEW = 24, 20
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_model(request):
+    torch.manual_seed(0)
+    cfg = CONFIGS[request.param]()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    for p in model.parameters():  # sharper attention than the init's std 0.02, so masks and caps matter
+        p.data.mul_(4.0) if p.dim() == 2 else None
+    assert model.config.model_type == request.param
+    return request.param, model
+
+
+def prompt_ids(n: int = PROMPT) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(1))
+
+
+def reference(model, ids):
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model.generate(ids[None], max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, len(ids):], torch.stack(out.logits)[:, 0]  # (NEW,), (NEW, V)
+
+
+def engine_greedy(sess: Session, ids, n_new: int = NEW):
+    """Greedy decoding through the session: (tokens (n_new,), logits (n_new, V))."""
+    logits = [sess.feed(ids, torch.arange(len(ids)), torch.zeros(len(ids)))[-1]]
+    toks = []
+    for t in range(n_new):
+        toks.append(int(logits[-1].argmax()))
+        if t + 1 < n_new:
+            p = len(ids) + t
+            logits.append(sess.feed([toks[-1]], [p], [0])[-1])
+    return torch.tensor(toks), torch.stack(logits)
+
+
+def test_full_equals_generate(arch_model):
+    name, model = arch_model
+    ids = prompt_ids()
+    ref_toks, ref_logits = reference(model, ids)
+    toks, logits = engine_greedy(Session(model, method_from_config("full", {}), None, chunk_size=7), ids)
+    assert (logits - ref_logits).abs().max() < 1e-4, name
+    assert toks.tolist() == ref_toks.tolist(), name
+
+
+def test_reindexed_positions_above_length_are_full(arch_model):
+    """StreamingLLM rotates unrotated keys itself: with nothing evicted its positions are the original
+    ones, so its logits are the full cache's."""
+    name, model = arch_model
+    ids = prompt_ids()
+    if name == "gemma3_text":  # one RoPE base per layer type: refused before any work, with the reason
+        with pytest.raises(ValueError, match="gemma3_text has one per layer type"):
+            Session(model, method_from_config("streaming_llm", {}), 4096)
+        return
+    _, ref = engine_greedy(Session(model, method_from_config("full", {}), None), ids, 6)
+    _, got = engine_greedy(Session(model, method_from_config("streaming_llm", {}), 4096), ids, 6)
+    assert (got - ref).abs().max() < 1e-4, name
+
+
+def synthetic_profile(model) -> HeadProfile:
+    c = model.config
+    h = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    kinds = ("retrieval", "induction", "local")
+    return HeadProfile(pd.DataFrame(), [[kinds[(li + j) % 3] for j in range(h)] for li in range(c.num_hidden_layers)])
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_tight_budget_holds(arch_model, method):
+    name, model = arch_model
+    budget = 12
+    m = method_from_config(method, {})
+    if name == "gemma3_text" and getattr(m, "position_rule", None) is not None:
+        pytest.skip("re-indexed positions are refused on Gemma 3 (see test_reindexed_positions_above_length_are_full)")
+    sess = Session(model, m, budget, chunk_size=8, profile=synthetic_profile(model))
+    ids = prompt_ids(40)
+    steps = []
+    orig = sess._evict
+
+    def checked():
+        orig()
+        steps.append(1)
+        if sess.budgets is None:
+            return
+        for i, s in enumerate(sess.stores):
+            cap = sess.budgets[i] if m.storage == "dense" else m.token_budgets(i, sess.budgets[i])
+            assert bool((s.live() <= cap).all()), (name, method, i, s.live(), cap)
+
+    sess._evict = checked
+    toks, logits = engine_greedy(sess, ids, 6)
+    assert torch.isfinite(logits).all() and len(steps) > 0
+    if m.evicts:
+        assert sess.tokens > budget + 16
+
+
+def test_unserved_architecture_is_refused(tmp_path):
+    """An architecture the engine does not know is refused by name: at Session (before any forward) and
+    at `kvbench validate` for a path: source (from config.json alone)."""
+    from kvbench.models import source_geometry
+
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2, n_positions=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(ValueError, match="cannot serve model_type 'gpt2'"):
+        Session(model, method_from_config("full", {}), None)
+    cfg.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"path:.*cannot serve model_type 'gpt2'"):
+        source_geometry(f"path:{tmp_path}")
+    model_dir = tmp_path / "llama"
+    CONFIGS["llama"]().save_pretrained(model_dir)
+    assert source_geometry(f"path:{model_dir}")["head_dim"] == 32  # a served one passes
