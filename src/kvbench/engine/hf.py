@@ -57,6 +57,8 @@ class StoreLayer(CacheLayerMixin):
         return None
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.owner.stepwise is not None:  # the attention function appends them one at a time
+            return key_states, value_states  # (1, H, n, D): the new tokens only
         seq, pos, role = self.owner.pending
         self.store.append(key_states[0], value_states[0], seq, pos, role)  # (H, n, D)
         k, v = self.store.keys_values()
@@ -78,6 +80,10 @@ class StoreCache(Cache):
 
     `positioner`: None (keys arrive rotated at their positions), or a callable store -> (H, C)
     positions at which attention rotates unrotated queries and keys (re-indexed positions).
+    `stepwise`: None, or the session, when a forward of n tokens must evict inside it: `update` then
+    returns the new K/V unstored, and the attention function runs the n tokens one at a time per
+    layer: append token i, attend its query, let the session evict the layer (exactly what n one-token
+    forwards do, layer by layer; the projections and MLPs still run on the n tokens at once).
     `trace`: None, or a list to which attention appends what it consumed, per layer and forward:
     dict(layer, q (Hq, n, D), k (H, C, D) as rotated for attention, kseq, kvalid, kpos (H, C): the
     positions attention used, qseq (n,))
@@ -85,26 +91,30 @@ class StoreCache(Cache):
 
     def __init__(self, stores, model=None):
         self.pending = None
+        self.stepwise = None  # a session: tokens of this forward are appended, attended and evicted one by one
         self.model = model  # for its RoPE frequencies (re-indexed positions)
         self.positioner = None
         self.trace = None
-        self._tables = None  # (seq, valid, positions, cos, sin) of the last layer rotated, reused while equal
+        self._tables = {}  # step -> (seq, valid, positions, cos, sin) of the last layer rotated, reused while equal
+        self._last_positions = None
         self.max_position = -1  # largest re-indexed position attention has rotated a query or key to
         super().__init__(layers=[StoreLayer(s, self) for s in stores])
 
-    def rotation(self, store) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotation(self, store, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (H, C, D/2) float32 of the positions the positioner gives for `store`; a layer
         holding the same entries as the previous one (every layer, under a layer-independent rule)
         shares its table (positions are a function of the entries and the session's state, which
         does not change within a forward)."""
-        t = self._tables
+        t = self._tables.get(step)
         if t is not None and t[0].shape == store.seq.shape and torch.equal(t[0], store.seq) \
                 and torch.equal(t[1], store.valid):
-            return t[3], t[4]  # same entries as the previous layer: same positions
+            self._last_positions = t[2]
+            return t[3], t[4]  # same entries as the previous layer at this step: same positions
         p = self.positioner(store)
         self.max_position = max(self.max_position, int(p[store.valid].max()))
-        self._tables = (store.seq, store.valid, p, *rope_tables(self.model, p))
-        return self._tables[3], self._tables[4]
+        t = self._tables[step] = (store.seq, store.valid, p, *rope_tables(self.model, p))
+        self._last_positions = p
+        return t[3], t[4]
 
 
 def _no_mask(*args, **kwargs):
@@ -112,16 +122,34 @@ def _no_mask(*args, **kwargs):
 
 
 def kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query (1, Hq, n, D); key/value (1, Hkv, C, D) as returned by StoreLayer.update."""
+    """query (1, Hq, n, D); key/value (1, Hkv, C, D) as returned by StoreLayer.update (stepwise: the
+    n new tokens' (1, Hkv, n, D), appended here one at a time)."""
     cache = kwargs.get("kvbench_cache")
     if cache is None:
         raise RuntimeError("kvbench attention needs kvbench_cache=... in the forward call")
-    store = cache.layers[module.layer_idx].store
+    li = module.layer_idx
+    store = cache.layers[li].store
     seq, _, role = cache.pending
+    scaling = module.scaling if scaling is None else scaling
+    if cache.stepwise is None:
+        return _attend(module, query, key, value, store, cache, seq, role, scaling), None
+    outs = []
+    for i in range(query.shape[2]):
+        cache.stepwise.step_append(li, i, key[0][:, i:i + 1], value[0][:, i:i + 1])
+        k, v = store.keys_values()
+        outs.append(_attend(module, query[:, :, i:i + 1], k[None], v[None], store, cache, seq[i:i + 1],
+                            role[i:i + 1], scaling, step=i))
+        cache.stepwise.step_evict(li, i)
+    return torch.cat(outs, dim=1), None  # (1, n, Hq, D)
+
+
+def _attend(module, query, key, value, store, cache, seq, role, scaling, step: int = 0):
+    """query (1, Hq, n, D), key/value (1, Hkv, C, D) of `store` (the new tokens are its last n slots)
+    -> (1, n, Hq, D)."""
     hq, hkv = query.shape[1], key.shape[1]
     g = hq // hkv
     if cache.positioner is not None:  # unrotated q and k: rotate both to this forward's positions
-        cos, sin = cache.rotation(store)  # (Hkv, C, D/2)
+        cos, sin = cache.rotation(store, step)  # (Hkv, C, D/2)
         n = query.shape[2]
         key = rope_apply(key[0], cos, sin)[None]
         qc, qs = (x[:, -n:].repeat_interleave(g, dim=0) for x in (cos, sin))  # new tokens: the last n slots
@@ -129,13 +157,12 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     if cache.trace is not None:
         cache.trace.append(dict(layer=module.layer_idx, q=query[0].detach().clone(), k=key[0].detach().clone(),
                                 kseq=store.seq.clone(), kvalid=store.valid.clone(), qseq=seq.clone(),
-                                kpos=(cache._tables[2] if cache.positioner is not None else store.pos).clone()))
+                                kpos=(cache._last_positions if cache.positioner is not None else store.pos).clone()))
     mask = store.mask(seq, role == ROLE_TARGET, ROLE_TARGET)  # (Hkv, n, C)
     window, softcap = attention_variant(module)
     if window is not None:  # a sliding layer sees the last `window` original positions, whatever is cached
         nq = query.shape[2]
         mask = mask & (store.pos[:, -nq:, None] - store.pos[:, None, :] < window)  # new tokens: last n slots
-    scaling = module.scaling if scaling is None else scaling
     if store.score is None and store.recorded is None and softcap is None:
         # query heads grouped by KV head, (1, Hkv, g * n, D): K/V are read once, never repeated
         n, d, c = query.shape[2], query.shape[3], key.shape[2]
@@ -155,7 +182,7 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
         if store.recorded is not None:  # head profiling: keep every query's attention row
             store.recorded.append(p.reshape(hq, n, -1))
         out = torch.einsum("hgnc,hcd->hgnd", p, value[0].float()).to(query.dtype).reshape(1, hq, n, d)
-    return out.transpose(1, 2).contiguous(), None  # (1, n, Hq, D)
+    return out.transpose(1, 2).contiguous()  # (1, n, Hq, D)
 
 
 # model_type -> what differs from Llama that kvbench's attention and RoPE handle (README table)
