@@ -149,3 +149,22 @@ def test_unserved_architecture_is_refused(tmp_path):
     model_dir = tmp_path / "llama"
     CONFIGS["llama"]().save_pretrained(model_dir)
     assert source_geometry(f"path:{model_dir}")["head_dim"] == 32  # a served one passes
+
+
+@pytest.mark.parametrize("arch", ["pythia-70m", "qwen2.5-0.5b", "llama-3.2-1b"])
+def test_random_archs_are_served(arch):
+    """Every random: source builds an architecture the engine serves, with its published shape (meta
+    device: no weights allocated)."""
+    from kvbench.engine.hf import check_architecture
+    from kvbench.models import RANDOM_ARCHS, random_config, source_geometry
+
+    cfg = random_config(arch)
+    check_architecture(cfg.model_type)
+    source_geometry(f"random:{arch}")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert model.config.num_hidden_layers == RANDOM_ARCHS[arch]["num_hidden_layers"]
+    if arch == "pythia-70m":
+        assert cfg.rope_parameters["partial_rotary_factor"] == 0.25 and cfg.use_parallel_residual
+        assert model.base_model.rotary_emb.inv_freq.shape == (8,)  # rotary dims 16 of head_dim 64
+        assert 60e6 < sum(p.numel() for p in model.parameters()) < 80e6  # pythia-70m: 70.4M

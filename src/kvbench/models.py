@@ -41,6 +41,10 @@ RANDOM_ARCHS = {
     "llama-3.1-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                          max_position_embeddings=131072, rope_theta=5e5, tie_word_embeddings=False),
+    # GPT-NeoX: rotary on the first quarter of each head, attention and MLP in parallel
+    "pythia-70m": dict(arch="gpt_neox", hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                       num_attention_heads=8, vocab_size=50304, max_position_embeddings=2048, rope_theta=1e4,
+                       partial_rotary_factor=0.25, use_parallel_residual=True, tie_word_embeddings=False),
 }
 
 
@@ -260,14 +264,23 @@ def folder_hash(d: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _random_model(arch: str, tmp: str, seed: int) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def random_config(arch: str):
+    """The transformers config of a RANDOM_ARCHS entry."""
+    from transformers import AutoConfig
 
     spec = dict(RANDOM_ARCHS[arch])
     kind = spec.pop("arch")
-    theta = spec.pop("rope_theta")
-    cfg = AutoConfig.for_model(kind, **spec, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    rope = {"rope_type": "default", "rope_theta": spec.pop("rope_theta")}
+    if "partial_rotary_factor" in spec:  # GPT-NeoX's rotary_pct lives in rope_parameters
+        rope["partial_rotary_factor"] = spec.pop("partial_rotary_factor")
+    return AutoConfig.for_model(kind, **spec, rope_parameters=rope)
+
+
+def _random_model(arch: str, tmp: str, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = random_config(arch)
     torch.manual_seed(seed)
     with torch.device("meta"):
         AutoModelForCausalLM.from_config(cfg)  # fail fast on a bad shape before allocating
