@@ -100,19 +100,20 @@ class StoreCache(Cache):
         self.max_position = -1  # largest re-indexed position attention has rotated a query or key to
         super().__init__(layers=[StoreLayer(s, self) for s in stores])
 
-    def rotation(self, store, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotation(self, store, step: int = 0, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (H, C, D/2) float32 of the positions the positioner gives for `store`; a layer
         holding the same entries as the previous one (every layer, under a layer-independent rule)
         shares its table (positions are a function of the entries and the session's state, which
-        does not change within a forward)."""
-        t = self._tables.get(step)
+        does not change within a forward). `layer_type`: the layer's RoPE when the model has one per
+        layer type (Gemma 3), else None; tables are shared only within a type."""
+        t = self._tables.get((step, layer_type))
         if t is not None and t[0].shape == store.seq.shape and torch.equal(t[0], store.seq) \
                 and torch.equal(t[1], store.valid):
             self._last_positions = t[2]
             return t[3], t[4]  # same entries as the previous layer at this step: same positions
         p = self.positioner(store)
         self.max_position = max(self.max_position, int(p[store.valid].max()))
-        t = self._tables[step] = (store.seq, store.valid, p, *rope_tables(self.model, p))
+        t = self._tables[step, layer_type] = (store.seq, store.valid, p, *rope_tables(self.model, p, layer_type))
         self._last_positions = p
         return t[3], t[4]
 
@@ -149,7 +150,7 @@ def _attend(module, query, key, value, store, cache, seq, role, scaling, step: i
     hq, hkv = query.shape[1], key.shape[1]
     g = hq // hkv
     if cache.positioner is not None:  # unrotated q and k: rotate both to this forward's positions
-        cos, sin = cache.rotation(store, step)  # (Hkv, C, D/2)
+        cos, sin = cache.rotation(store, step, rope_layer_type(module))  # (Hkv, C, R/2)
         n = query.shape[2]
         key = rope_apply(key[0], cos, sin)[None]
         qc, qs = (x[:, -n:].repeat_interleave(g, dim=0) for x in (cos, sin))  # new tokens: the last n slots
@@ -239,18 +240,29 @@ def check_reindexable(model) -> None:
     """Re-indexing rotates unrotated keys with the model's inv_freq: refuse RoPE types whose
     frequencies depend on the positions fed (dynamic NTK, longrope)."""
     rope = model.base_model.rotary_emb
-    if not hasattr(rope, "inv_freq"):  # Gemma 3: one RoPE base per layer type
-        raise ValueError(f"re-indexed positions need one RoPE for every layer; {model.config.model_type} has "
-                         f"one per layer type: use positions 'original'")
-    if getattr(rope, "rope_type", "default") not in STATIC_ROPE:
-        raise ValueError(f"re-indexed positions need a RoPE with fixed frequencies ({STATIC_ROPE}); this model's "
-                         f"rope_type is {rope.rope_type!r}: use positions 'original'")
+    types = getattr(rope, "rope_type", "default")  # Gemma 3: {layer type: rope type}
+    for t in (types.values() if isinstance(types, dict) else [types]):
+        if t not in STATIC_ROPE:
+            raise ValueError(f"re-indexed positions need a RoPE with fixed frequencies ({STATIC_ROPE}); this "
+                             f"model's rope_type is {t!r}: use positions 'original'")
 
 
-def rope_tables(model, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_layer_type(module) -> str | None:
+    """The layer type whose RoPE an attention module uses, when the model has one RoPE per layer
+    type (Gemma 3: `{type}_inv_freq` buffers, rope_parameters keyed by type), else None (one table
+    for every layer, shared by layers with the same entries)."""
+    c = getattr(module, "config", None)
+    types, rope = getattr(c, "layer_types", None), getattr(c, "rope_parameters", None)
+    t = types[module.layer_idx] if types else None
+    return t if isinstance(rope, dict) and t in rope else None
+
+
+def rope_tables(model, delta: torch.Tensor, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (..., D/2), float32, of a rotation by `delta` positions (..., e.g. (H, C)); the
     angles are computed as transformers' rotary embedding computes them (position x inv_freq, fp32)."""
-    inv_freq = model.base_model.rotary_emb.inv_freq.to(delta.device, torch.float32)  # (R/2,), R <= D
+    rope = model.base_model.rotary_emb
+    inv_freq = rope.inv_freq if hasattr(rope, "inv_freq") else getattr(rope, f"{layer_type}_inv_freq")
+    inv_freq = inv_freq.to(delta.device, torch.float32)  # (R/2,), R <= D
     ang = delta[..., None].float() * inv_freq  # (H, C, D/2)
     return ang.cos(), ang.sin()
 
