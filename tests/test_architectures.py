@@ -132,7 +132,7 @@ def test_tight_budget_holds(arch_model, method):
 def test_unserved_architecture_is_refused(tmp_path):
     """An architecture the engine does not know is refused by name: at Session (before any forward) and
     at `kvbench validate` for a path: source (from config.json alone)."""
-    from kvbench.models import source_geometry
+    from kvbench.models import load_model, source_geometry
 
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2, n_positions=64)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
@@ -141,6 +141,8 @@ def test_unserved_architecture_is_refused(tmp_path):
     cfg.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"path:.*cannot serve model_type 'gpt2'"):
         source_geometry(f"path:{tmp_path}")
+    with pytest.raises(ValueError, match="cannot serve model_type 'gpt2'"):  # before the (absent) weights
+        load_model(str(tmp_path))
     model_dir = tmp_path / "llama"
     CONFIGS["llama"]().save_pretrained(model_dir)
     assert source_geometry(f"path:{model_dir}")["head_dim"] == 32  # a served one passes
@@ -163,3 +165,29 @@ def test_random_archs_are_served(arch):
         assert cfg.rope_parameters["partial_rotary_factor"] == 0.25 and cfg.use_parallel_residual
         assert model.base_model.rotary_emb.inv_freq.shape == (8,)  # rotary dims 16 of head_dim 64
         assert 60e6 < sum(p.numel() for p in model.parameters()) < 80e6  # pythia-70m: 70.4M
+
+
+@pytest.mark.parametrize("method", ["h2o", "streaming_llm", "haq_kv"])
+def test_sliding_layers_never_see_past_their_window(method):
+    """Under a method's cache (budget above the window), a sliding layer gives zero attention to every
+    cached key whose original position is `WINDOW` or more behind the query's; global layers do not."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["gemma2"]()).eval()
+    sess = Session(model, method_from_config(method, {}), 2 * WINDOW, chunk_size=5,
+                   profile=synthetic_profile(model))
+    sess.cache.trace = []
+    for s in sess.stores:
+        s.recorded = []  # attention rows, one list entry per attention call, in step with the trace
+    engine_greedy(sess, prompt_ids(30), 4)
+    seen = {0: [], 1: []}
+    for li, s in enumerate(sess.stores):
+        calls = [t for t in sess.cache.trace if t["layer"] == li]
+        assert len(calls) == len(s.recorded) > 0
+        for t, p in zip(calls, s.recorded):  # p (Hq, n, C)
+            kpos = t["kseq"]  # (Hkv, C): the stream's positions are 0, 1, ...: the original position is seq
+            n, g = p.shape[1], p.shape[0] // kpos.shape[0]
+            dist = (kpos[:, -n:, None] - kpos[:, None, :]).repeat_interleave(g, 0)  # (Hq, n, C)
+            far = (dist >= WINDOW) & t["kvalid"].repeat_interleave(g, 0)[:, None, :]
+            seen[li].append(float(p[far].abs().max()) if far.any() else None)
+    assert all(x == 0 for x in seen[0] if x is not None) and any(x is not None for x in seen[0])  # sliding
+    assert any(x is not None and x > 0 for x in seen[1])  # the global layer does attend far back

@@ -346,6 +346,13 @@ def load_model(model_dir: str, device: str = "cpu", dtype: str = "float32", trus
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"no model at {model_dir!r} (missing config.json); run build-model first")
     check_dtype(dtype)
+    try:  # an architecture the cache engine cannot serve is refused before the weights load
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        pass  # unreadable: the loader below names the problem
+    else:
+        _check_served(model_type, model_dir)
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
