@@ -349,3 +349,12 @@ def test_derived_metrics_against_full(run):
     ppl, pfull = c.loc[("ppl", "sink4", 1024, "64")], c.loc[("ppl", "full", 1024, "full")]
     assert ppl["ppl_increase_pct"] == pytest.approx(100 * (ppl["perplexity"] / pfull["perplexity"] - 1))
     assert pd.isna(pfull["ppl_increase_pct"])
+
+
+def test_samples_with_an_empty_hypothesis_are_skipped_in_lagging_and_counted():
+    """SimulEval skips a sample with no output: AL is NaN there, the cell mean leaves it out and counts it."""
+    rows = pd.DataFrame(_rows("translate_stream", "sink4", 512, "64"))
+    rows.loc[0, ["hypothesis", "al", "laal", "hyp_words"]] = ["", float("nan"), float("nan"), 0]
+    cell = agg._cell(rows)
+    assert cell["lagging_skipped"] == 1
+    assert cell["al"] == pytest.approx(rows["al"].iloc[1:].mean())

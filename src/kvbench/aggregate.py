@@ -105,7 +105,8 @@ def _cell(g: pd.DataFrame) -> dict:
     if task in TRANSLATION:
         g = g.sort_values("sample_id")
         row.update(corpus_scores(_texts(g["hypothesis"]), _texts(g["reference"])))
-        row.update(al=g["al"].mean(), laal=g["laal"].mean())
+        # SimulEval skips samples with an empty hypothesis (AL NaN): the mean leaves them out, counted here
+        row.update(al=g["al"].mean(), laal=g["laal"].mean(), lagging_skipped=int((g["hyp_words"] == 0).sum()))
     elif task == "ppl" and g["n_scored_tokens"].sum() > 0:
         row["perplexity"] = perplexity(float(g["nll_sum"].sum()), int(g["n_scored_tokens"].sum()))
     elif task == "latency":
@@ -178,7 +179,7 @@ def cell_table(df: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.D
         if n_resamples > 0 and task in TRANSLATION and method != "full" and full is not None:
             row |= _versus_full(g, full, n_resamples, seed)
         rows.append(row)
-    cols = KEYS + ["n_samples", "bleu", "chrf", "al", "laal", "perplexity", "decode_ms_median",
+    cols = KEYS + ["n_samples", "bleu", "chrf", "al", "laal", "lagging_skipped", "perplexity", "decode_ms_median",
                    "decode_ms_p90", "cache_bytes_peak", "cache_bytes_mean", "retained_tokens_mean",
                    "budget_bytes", "budget_tokens", "layout", "compute", "method_type", "wall_seconds",
                    "quality_meaningful", "bleu_ci_low", "bleu_ci_high", "chrf_ci_low", "chrf_ci_high",

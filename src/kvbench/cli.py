@@ -262,7 +262,7 @@ def main(argv=None) -> None:
     s.add_argument("--dtype", default="float32", metavar="DTYPE",
                    help=f"model and cache precision: float32, float16 or bfloat16 {d}")
     s.add_argument("--chunk-size", type=_int(1, key="chunk_size"), default=64,
-                   help=f"prefill chunk in tokens: the cache peaks at budget + chunk during a chunk {d}")
+                   help=f"prefill chunk in tokens: one forward while nothing is evicted inside it, stepwise (exact, at most budget + 1 entries per head) past the budget {d}")
     s.add_argument("--max-samples", type=_int(1, key="max_samples"), default=None, help="only the first N documents (default: all)")
     s.add_argument("--config-hash", default="", help="hash of the job's config, recorded in each row (Snakemake)")
     s.set_defaults(fn=cmd_eval)

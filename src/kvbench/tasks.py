@@ -28,7 +28,7 @@ import torch
 
 from . import layout
 from .layout import ROLE_INSTR, ROLE_SOURCE, ROLE_TARGET
-from .metrics import average_lagging, length_adaptive_average_lagging
+from .metrics import lagging_scores
 
 TASKS = ("translate_stream", "translate_batch", "ppl", "latency")
 
@@ -96,16 +96,12 @@ def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> d
         if read < len(src):
             read_word()
     hyp_text, ref = prompter.decode(hyp), doc.get("target", "")
-    n_ref = len(ref.split())
-    lag = dict(al=None, laal=None)
-    if delays:
-        lag = dict(al=average_lagging(delays, len(src), ref_len=n_ref or None),
-                   laal=length_adaptive_average_lagging(delays, len(src), ref_len=n_ref or None))
-    else:
-        lag = dict(al=float(len(src)), laal=float(len(src)))
+    # SimulEval 1.1.4's AL/LAAL: an empty hypothesis is skipped (NaN), |ref| = words split on " "
+    lag = lagging_scores(delays, len(src), ref)
+    lag.pop("lagging_skipped")  # the aggregation counts skipped samples from hyp_words == 0
     return dict(
         source=doc["source"], hypothesis=hyp_text, reference=ref, delays=[float(d) for d in delays],
-        src_words=len(src), ref_words=n_ref, hyp_words=len(delays), stop_reason=stop,
+        src_words=len(src), hyp_words=len(delays), stop_reason=stop,
         wait_k=min(k, layout.WAIT_INF), **lag,
     )
 

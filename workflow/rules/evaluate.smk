@@ -28,6 +28,7 @@ rule evaluate:
         chunk=config["chunk_size"],
         hash=job_hash,
     shell:
+        "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=100000000000 MALLOC_TOP_PAD_=1073741824 "
         "OMP_NUM_THREADS={threads} python -m kvbench eval --model {input.model} --model-name {wildcards.model} "
         "--task {wildcards.task} --data {input.data} --dataset {wildcards.dataset} "
         "--method {wildcards.method} --type {params.type} --params-json {params.params} "
