@@ -33,7 +33,7 @@ from kvbench.figspec import FIGURE_TASKS  # which tasks each figure reads (its r
 from kvbench.io import atomic_path, atomic_write_text
 from kvbench.metrics import corpus_scores, perplexity
 from kvbench.stats import MIN_TEST_SAMPLES, paired_tests, perplexity_ci, translation_ci
-from kvbench.schema import ARROW_SCHEMA, COLUMNS, SchemaError, check_version
+from kvbench.schema import ARROW_SCHEMA, COLUMNS, SchemaError, check_version, missing_ok
 
 KEYS = ["model", "task", "dataset", "method", "length", "budget"]
 TRANSLATION = ("translate_stream", "translate_batch")
@@ -68,6 +68,9 @@ def read_raw(raw_files: list[str]) -> pa.Table:
             versions = {int(meta) if meta else None}
         for v in sorted(versions, key=str):
             check_version(v, path)
+        old = set.intersection(*(missing_ok(v) for v in versions))  # added since the file's version
+        for c in sorted(old - set(t.column_names)):
+            t = t.append_column(pa.field(c, COLUMNS[c]), pa.nulls(t.num_rows, COLUMNS[c]))
         missing = [c for c in COLUMNS if c not in t.column_names]
         if missing:
             raise SchemaError(f"{path}: columns missing for its schema version: {missing}")
@@ -118,6 +121,7 @@ def _cell(g: pd.DataFrame) -> dict:
         budget_bytes=float(bb.iloc[0]) if len(bb) else np.nan, budget_tokens=g["budget_tokens"].max(),
         layout=_one(g["layout"]), compute=_one(g["compute"]), method_type=_one(g["method_type"]),
         wall_seconds=g["wall_seconds"].sum(min_count=1),
+        max_position=g["max_position"].max(), model_max_positions=g["model_max_positions"].max(),
         # null means "not marked": only an explicit False makes a cell's quality meaningless
         quality_meaningful=bool((g["quality_meaningful"] != False).all()),  # noqa: E712
     )
@@ -182,7 +186,7 @@ def cell_table(df: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.D
     cols = KEYS + ["n_samples", "bleu", "chrf", "al", "laal", "lagging_skipped", "perplexity", "decode_ms_median",
                    "decode_ms_p90", "cache_bytes_peak", "cache_bytes_mean", "retained_tokens_mean",
                    "budget_bytes", "budget_tokens", "layout", "compute", "method_type", "wall_seconds",
-                   "quality_meaningful", "bleu_ci_low", "bleu_ci_high", "chrf_ci_low", "chrf_ci_high",
+                   "max_position", "model_max_positions", "quality_meaningful", "bleu_ci_low", "bleu_ci_high", "chrf_ci_low", "chrf_ci_high",
                    "perplexity_ci_low", "perplexity_ci_high", "bleu_delta", "bleu_p_value", "bleu_p_ar",
                    "significance", "n_paired", "n_resamples", "speedup_vs_full", "compression_vs_full",
                    "ppl_increase_pct", "bleu_signature", "chrf_signature"]

@@ -27,6 +27,9 @@ import sys
 INT_MAX = 2**31 - 1  # kvbench.config.INT_MAX (not imported: `--help` stays import-light)
 
 
+EXTRAPOLATE_HELP = ("allow lengths and positions past the model's max_position_embeddings (RoPE is defined for any "
+                    "position; each row records max_position, the largest one given; config: models/NAME/extrapolate)")
+
 def _int(minimum: int | None = None, maximum: int = INT_MAX, key: str = ""):
     """argparse type: an integer in [minimum, maximum] (argparse names the option when it fails;
     `key` names the config key it stands for)."""
@@ -147,7 +150,8 @@ def cmd_make_data(a) -> None:
             tok = AutoTokenizer.from_pretrained(a.model)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"cannot load the tokenizer in {a.model!r} ({type(e).__name__}: {e})") from None
-    n = make_data(ds, a.length, n_samples, seed, a.out, tokenizer=tok, max_positions=max_pos)
+    n = make_data(ds, a.length, n_samples, seed, a.out, tokenizer=tok,
+                  max_positions=None if a.extrapolate else max_pos)
     print(f"wrote {n} documents to {a.out}")
 
 
@@ -161,6 +165,7 @@ def cmd_eval(a) -> None:
              params=params, budget=a.budget, length=a.length, out=a.out, model_name=a.model_name,
              dataset=a.dataset, task_params=task_params, seed=a.seed, device=a.device, dtype=a.dtype,
              chunk_size=a.chunk_size, config_hash=a.config_hash, max_samples=a.max_samples,
+             extrapolate=a.extrapolate,
              profile=a.profile, log=sys.stderr)
 
 
@@ -226,6 +231,7 @@ def main(argv=None) -> None:
     s.add_argument("--out", required=True, metavar="FILE.jsonl", help="JSONL file to write (new or a previous one)")
     s.add_argument("--model", metavar="DIR", help="model folder (tokenizer for token lengths, max positions)")
     s.add_argument("--seed", type=_int(0), default=None, help="data seed (default: the config's seed, else 0)")
+    s.add_argument("--extrapolate", action="store_true", help=EXTRAPOLATE_HELP)
     s.set_defaults(fn=cmd_make_data)
 
     s = sub.add_parser("eval", help="run one eval job into a Parquet file",
@@ -265,6 +271,7 @@ def main(argv=None) -> None:
                    help=f"prefill chunk in tokens: one forward while nothing is evicted inside it, stepwise (exact, at most budget + 1 entries per head) past the budget {d}")
     s.add_argument("--max-samples", type=_int(1, key="max_samples"), default=None, help="only the first N documents (default: all)")
     s.add_argument("--config-hash", default="", help="hash of the job's config, recorded in each row (Snakemake)")
+    s.add_argument("--extrapolate", action="store_true", help=EXTRAPOLATE_HELP)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("profile", help="profile attention heads (retrieval / induction / local)",

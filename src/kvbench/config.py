@@ -390,9 +390,10 @@ def _check_semantics(cfg: dict) -> None:
         for model in st["models"]:
             g = geoms.get(model) or {}
             too_long = [L for L in st["lengths"] if g.get("max_positions") and L > g["max_positions"]]
-            if too_long:
+            if too_long and not cfg["models"][model].get("extrapolate"):
                 raise ConfigError(f"config key 'studies/{sname}/lengths': length {too_long[0]} is beyond the maximum "
-                                  f"positions of model {model!r} ({g['max_positions']})")
+                                  f"positions of model {model!r} ({g['max_positions']}); to run past them on "
+                                  f"purpose, set models/{model}/extrapolate: true")
         for ds in st["datasets"]:
             _check_synthetic_lengths(cfg, sname, ds, st["lengths"])
         _check_target_offsets(cfg, sname, st, geoms)
@@ -416,7 +417,7 @@ def _check_target_offsets(cfg: dict, sname: str, st: dict, geoms: dict) -> None:
             continue
         for model in st["models"]:
             mp = (geoms.get(model) or {}).get("max_positions")
-            if mp and off + max(st["lengths"]) > mp:
+            if mp and off + max(st["lengths"]) > mp and not cfg["models"][model].get("extrapolate"):
                 raise ConfigError(f"config key 'tasks/{task}/target_offset': {off} + length {max(st['lengths'])} "
                                   f"(study {sname!r}) is past the maximum positions of model {model!r} ({mp})")
 

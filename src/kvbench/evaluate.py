@@ -259,7 +259,7 @@ def run_eval(*, model_dir: str, task: str, data: str, method: str, method_type: 
              budget, length: int, out: str, model_name: str = "model", dataset: str = "dataset",
              task_params: dict | None = None, seed: int = 0, device: str = "cpu", dtype: str = "float32",
              chunk_size: int = 64, config_hash: str = "", max_samples: int | None = None,
-             profile: str | None = None, log=None) -> str:
+             profile: str | None = None, extrapolate: bool = False, log=None) -> str:
     from types import SimpleNamespace
 
     from .config import check_geometry, check_method
@@ -302,9 +302,13 @@ def run_eval(*, model_dir: str, task: str, data: str, method: str, method_type: 
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"no model at {model_dir!r} (missing config.json); run build-model first")
     geom = folder_geometry(model_dir)
-    max_pos = geom["max_positions"]
+    model_max = geom["max_positions"]
+    # --extrapolate: positions past max_position_embeddings are allowed (RoPE is defined for any
+    # position; rows record the largest one given, so a table can tell extrapolated cells apart)
+    max_pos = None if extrapolate else model_max
     if max_pos and length > max_pos:
-        raise ValueError(f"length {length} is beyond the model's maximum positions ({max_pos})")
+        raise ValueError(f"length {length} is beyond the model's maximum positions ({max_pos}); "
+                         f"--extrapolate (config: models/NAME/extrapolate: true) runs past it")
     check_geometry(pol, geom)
     if os.path.isdir(data):
         raise ValueError(f"--data {data!r} is a folder, not a JSONL dataset file")
@@ -375,7 +379,8 @@ def run_eval(*, model_dir: str, task: str, data: str, method: str, method_type: 
         wall = time.perf_counter() - t0
         row = dict(base, sample_id=int(doc["id"]), **fields, **session.memory.row(),
                    budget_bytes=session.budget_bytes(b), layout=session.layout(), compute=session.compute(),
-                   tokens_processed=session.tokens, wall_seconds=wall, tokens_per_second=session.tokens / wall,
+                   tokens_processed=session.tokens, max_position=session.max_position,
+                   model_max_positions=model_max, wall_seconds=wall, tokens_per_second=session.tokens / wall,
                    device_peak_bytes=int(torch.cuda.max_memory_allocated()) if dev == "cuda" else None)
         _write_table([row], done)
     rows = []  # read back from the sidecars, so resumed and uninterrupted runs write the same values

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
-KNOWN_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+KNOWN_VERSIONS = (1, 2)
+# columns a version added: a file of an older known version reads with them null
+ADDED_IN = {2: ("max_position", "model_max_positions")}
 
 # name -> arrow type. Nullable everywhere: a column that does not apply to a task is null
 # (e.g. BLEU inputs for `ppl`, NLL for `translate_stream`).
@@ -49,6 +51,8 @@ COLUMNS: dict[str, pa.DataType] = {
     "quality_meaningful": pa.bool_(),  # False for random-weight models
     # memory: summed from the tensors the cache really holds
     "tokens_processed": pa.int64(),  # tokens fed through the model for this sample
+    "max_position": pa.int64(),  # largest RoPE position a query or key was given (re-indexed: after the rule)
+    "model_max_positions": pa.int64(),  # the model's max_position_embeddings (past it only with `extrapolate`)
     "retained_tokens_peak": pa.int64(),  # max over steps of live entries per (layer, kv head), averaged over layers x heads
     "retained_tokens_mean": pa.float64(),
     "cache_bytes_peak": pa.int64(),  # allocated K/V storage incl. padding, scales, zero-points
@@ -93,6 +97,11 @@ def to_table(rows: list[dict]) -> pa.Table:
             raise KeyError(f"result row has columns not in the schema: {sorted(extra)}")
     cols = {n: [r.get(n) for r in rows] for n in COLUMNS}
     return pa.table(cols, schema=ARROW_SCHEMA)
+
+
+def missing_ok(version: int | None) -> set[str]:
+    """Columns a file of `version` may lack (added by later versions; they read as null)."""
+    return {c for v, cols in ADDED_IN.items() if version is not None and version < v for c in cols}
 
 
 def check_version(table_or_meta_version: int | None, path: str) -> None:

@@ -97,6 +97,10 @@ def figure_inputs(wc):
     return [raw_path(j) for j in JOBS if j.task in FIGURE_TASKS[wc.name]]
 
 
+def extrapolate_flag(wc):
+    return "--extrapolate" if config["models"][wc.model].get("extrapolate") else ""
+
+
 def gpu(wc):
     return 1 if USE_GPU else 0
 

@@ -27,6 +27,7 @@ rule evaluate:
         dtype=config["dtype"],
         chunk=config["chunk_size"],
         hash=job_hash,
+        extrapolate=extrapolate_flag,
     shell:
         "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=100000000000 MALLOC_TOP_PAD_=1073741824 "
         "OMP_NUM_THREADS={threads} python -m kvbench eval --model {input.model} --model-name {wildcards.model} "
@@ -34,4 +35,4 @@ rule evaluate:
         "--method {wildcards.method} --type {params.type} --params-json {params.params} "
         "--task-params-json {params.task_params} --budget {wildcards.budget} --length {wildcards.length} "
         "{params.profile} --seed {params.seed} --device {params.device} --dtype {params.dtype} "
-        "--chunk-size {params.chunk} --config-hash {params.hash} --out {output} > {log} 2>&1"
+        "--chunk-size {params.chunk} --config-hash {params.hash} {params.extrapolate} --out {output} > {log} 2>&1"

@@ -43,7 +43,8 @@ rule make_data:
         runtime=20,
     params:
         dataset=lambda wc: shlex.quote(json.dumps(config["datasets"][wc.dataset])),
+        extrapolate=extrapolate_flag,
         seed=config["seed"],
     shell:
         "python -m kvbench make-data --dataset-json {params.dataset} --seed {params.seed} "
-        "--length {wildcards.length} --model {input.model} --out {output} > {log} 2>&1"
+        "--length {wildcards.length} --model {input.model} {params.extrapolate} --out {output} > {log} 2>&1"
