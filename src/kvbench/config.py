@@ -424,17 +424,20 @@ def _check_target_offsets(cfg: dict, sname: str, st: dict, geoms: dict) -> None:
 
 def _check_models(cfg: dict) -> dict:
     """Parse every model source (no download, no build) -> {model: geometry or None}."""
-    from .models import SourceError, parse_source, source_geometry
+    from .models import SourceError, is_commit, parse_source, source_geometry
 
     geoms = {}
     # where the workflow writes outputs (Snakemake deletes an output before it re-runs its job)
     outputs = [os.path.realpath(p) for p in ("resources/models", "resources/data", "results")]
+    unpinned = []
     for name, m in cfg["models"].items():
         try:
-            scheme, where, _ = parse_source(m["source"])
+            scheme, where, rev = parse_source(m["source"])
             geoms[name] = source_geometry(m["source"])
         except (SourceError, OSError, ValueError) as e:
             raise ConfigError(f"config key 'models/{name}/source': {e}") from None
+        if scheme == "hub" and not is_commit(rev):
+            unpinned.append(f"{name} (@{rev})")
         if scheme == "path":
             real = os.path.realpath(where)
             inside = [o for o in outputs if real == o or real.startswith(o + os.sep)]
@@ -444,6 +447,9 @@ def _check_models(cfg: dict) -> dict:
         ignored = [k for k in ("steps", "train") if m.get(k) not in (None, False)] if scheme != "builtin" else []
         if ignored:
             warn(f"config key 'models/{name}': {', '.join(ignored)} only apply to builtin: models, not {scheme}:")
+    if unpinned:
+        warn(f"config key 'models': {', '.join(unpinned)}: a branch or tag name, not a commit hash; it can move "
+             f"between runs and jobs. Pin each to the 40-hex commit you evaluate (rows record the commit loaded)")
     return geoms
 
 

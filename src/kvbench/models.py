@@ -305,6 +305,43 @@ def _check_build(scheme: str, name: str, out: str, steps, log) -> None:
         check_model_folder(name)
 
 
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+
+
+def is_commit(rev: str | None) -> bool:
+    """A full commit hash (the only revision that cannot move)."""
+    return bool(rev) and re.fullmatch(r"[0-9a-f]{40}", rev) is not None
+
+
+def _hub_snapshot(repo: str, rev: str) -> str:
+    """The repo's files at `rev` in the Hugging Face cache (HF_HOME / HF_HUB_CACHE): downloaded, or
+    found there when offline (HF_HUB_OFFLINE=1, a cache filled elsewhere). Returns the snapshot folder,
+    whose name is the resolved commit."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id=repo, revision=rev, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # offline, unknown repo, no network: say what to do instead
+        raise SourceError(
+            f"could not get {repo}@{rev} from the hub or the local Hugging Face cache ({type(e).__name__}: {e}). "
+            f"Without network, fill the cache elsewhere (HF_HUB_CACHE, then HF_HUB_OFFLINE=1) or use path:<dir>"
+        ) from e
+
+
+def _link_files(src: str, dst: str) -> None:
+    """Hard-link (copy across file systems) every file of a cache snapshot into dst, following the
+    snapshot's symlinks to their blobs: the model folder costs no second copy of the weights."""
+    for root, _, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        os.makedirs(os.path.join(dst, rel), exist_ok=True)
+        for f in files:
+            blob, to = os.path.realpath(os.path.join(root, f)), os.path.join(dst, rel, f)
+            try:
+                os.link(blob, to)
+            except OSError:
+                shutil.copy2(blob, to)
+
+
 def build_model(source: str, out: str, seed: int = 0, steps: int | None = None, log=None,
                 retrain: bool = False) -> dict:
     scheme, name, rev = parse_source(source)
@@ -318,18 +355,12 @@ def build_model(source: str, out: str, seed: int = 0, steps: int | None = None, 
         with atomic_dir(out) as tmp:
             shutil.copytree(name, tmp, dirs_exist_ok=True)
     elif scheme == "hub":
-        from huggingface_hub import snapshot_download
-
+        snap = _hub_snapshot(name, rev)
         with atomic_dir(out) as tmp:
-            try:
-                snapshot_download(repo_id=name, revision=rev, local_dir=tmp,
-                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
-            except Exception as e:  # offline, unknown repo, no network: say what to do instead
-                raise SourceError(
-                    f"could not download {name}@{rev} from the hub ({type(e).__name__}: {e}). "
-                    f"Without network (or with HF_HUB_OFFLINE=1) download it elsewhere and use path:<dir>"
-                ) from e
+            _link_files(snap, tmp)
             check_model_folder(tmp)  # before it replaces anything
+        # the snapshot folder is named by the commit the revision resolved to: rows record that
+        info["requested_revision"], rev = rev, os.path.basename(os.path.normpath(snap))
     else:
         with atomic_dir(out) as tmp:
             _random_model(name, tmp, seed)
