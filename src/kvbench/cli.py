@@ -201,8 +201,8 @@ def cmd_validate(a) -> None:
 
     from .estimate import format_estimates, study_estimates
 
-    cfg = load_config(a.config)
-    print(f"{a.config}: valid, {len(job_table(cfg))} eval jobs")
+    cfg = load_config(a.config, *a.overlay)
+    print(f"{' + '.join([a.config, *a.overlay])}: valid, {len(job_table(cfg))} eval jobs")
     print(format_estimates(study_estimates(cfg)))
 
 
@@ -290,8 +290,10 @@ def main(argv=None) -> None:
     s = sub.add_parser("methods", help="list registered methods, their fields, defaults and allowed values")
     s.set_defaults(fn=cmd_methods)
 
-    s = sub.add_parser("validate", help="validate a config file")
+    s = sub.add_parser("validate", help="validate a config file (and overlays, merged as Snakemake merges them)")
     s.add_argument("config")
+    s.add_argument("overlay", nargs="*", help="config files merged over it in order, as snakemake --configfile "
+                                               "config overlay... (e.g. config/paper_smoke.yaml)")
     s.set_defaults(fn=cmd_validate)
 
     argv = sys.argv[1:] if argv is None else argv

@@ -315,8 +315,30 @@ def validate_config(cfg) -> dict:
         raise ConfigError(f"config key {where!r}: {e.message}")
     _warn_task_params(cfg)  # on the keys the user wrote, before defaults fill every task's section
     _fill_defaults(cfg, schema, schema)
+    _apply_scale(cfg)
     _check_semantics(cfg)
     return cfg
+
+
+def _apply_scale(cfg: dict) -> None:
+    """`scale: s` multiplies every study's lengths and integer budgets by s (rounded; the smoke run of a
+    paper grid), then becomes 1, so validating the same dict twice scales it once."""
+    s = cfg.get("scale", 1)
+    if s == 1:
+        return
+    for st in cfg["studies"].values():
+        st["lengths"] = sorted({max(1, round(L * s)) for L in st["lengths"]})
+        if "budgets" in st:
+            st["budgets"] = [b if str(b) == "full" else max(1, round(int(b) * s)) for b in st["budgets"]]
+    cfg["scale"] = 1
+
+
+def merge_configs(base: dict, overlay: dict) -> dict:
+    """Snakemake's rule for several --configfile: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in overlay.items():
+        out[k] = merge_configs(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _warn_task_params(cfg: dict) -> None:
@@ -507,8 +529,12 @@ def check_geometry(pol, geom: dict | None) -> None:
         raise ValueError(f"group_size must divide the model's head_dim ({geom['head_dim']}), got {g}")
 
 
-def load_config(path: str) -> dict:
-    return validate_config(load_yaml(path))
+def load_config(path: str, *overlays: str) -> dict:
+    """Load, merge overlays in order (as `snakemake --configfile path overlay...`), validate."""
+    cfg = load_yaml(path)
+    for o in overlays:
+        cfg = merge_configs(cfg, load_yaml(o))
+    return validate_config(cfg)
 
 
 def config_hash(cfg: dict) -> str:

@@ -46,6 +46,20 @@ RANDOM_ARCHS = {
                        num_attention_heads=8, vocab_size=50304, max_position_embeddings=2048, rope_theta=1e4,
                        partial_rotary_factor=0.25, use_parallel_residual=True, tie_word_embeddings=False),
 }
+# tiny twins of those architectures (the paper-shaped smoke run, config/paper_smoke.yaml): same model
+# type and attention features (GQA, qkv bias, partial rotary, parallel residual), two layers
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=1024, max_position_embeddings=32768)
+RANDOM_ARCHS.update({
+    "tiny-qwen2": dict(TINY, arch="qwen2", rope_theta=1e6, tie_word_embeddings=True),
+    "tiny-llama": dict(TINY, arch="llama", rope_theta=5e5, tie_word_embeddings=False),
+    "tiny-llama-mha": dict(TINY, arch="llama", num_key_value_heads=4, max_position_embeddings=4096, rope_theta=1e4,
+                           tie_word_embeddings=False),  # Llama-2: one KV head per query head
+    # GPT-NeoX: no GQA field
+    "tiny-gpt-neox": dict({k: v for k, v in TINY.items() if k != "num_key_value_heads"}, arch="gpt_neox",
+                          max_position_embeddings=2048, rope_theta=1e4, partial_rotary_factor=0.25,
+                          use_parallel_residual=True, tie_word_embeddings=False),
+})
 
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -286,9 +300,31 @@ def _random_model(arch: str, tmp: str, seed: int) -> None:
         AutoModelForCausalLM.from_config(cfg)  # fail fast on a bad shape before allocating
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(tmp, safe_serialization=True)
-    from .builtin import build_tokenizer  # a small real tokenizer: ids only, texts are not meaningful
+    byte_tokenizer().save_pretrained(tmp)
 
-    build_tokenizer().save_pretrained(tmp)
+
+# a ChatML template, as Qwen2.5's: the translation prompt of hub chat models takes the same route
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokenizer():
+    """The tokenizer of random: models: byte-level BPE with no merges (GPT-2's byte alphabet, every byte a
+    token, a word's first token carrying its space as 'Ġ'), special tokens and a chat template. Any text
+    tokenizes (several tokens per word, as with hub models); the texts a random model writes mean nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def _check_build(scheme: str, name: str, out: str, steps, log) -> None:
