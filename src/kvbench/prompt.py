@@ -65,7 +65,7 @@ class Prompter:
 
         def ids(gen):
             out = self.tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True)
-            return list(out["input_ids"] if isinstance(out, dict) else out)
+            return list(out["input_ids"] if hasattr(out, "keys") else out)  # BatchEncoding in transformers 5
 
         user, full = ids(False), ids(True)
         return user, full[len(user):] or self.bos
