@@ -38,6 +38,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def max_word_tokens(src: list[list[int]]) -> int:
+    """Tokens one written word may take (multi-token tokenizers): 4x the source's longest word, at
+    least 16. A model that never writes a word start (random weights, a degenerate output) then still
+    writes words, and the loop ends within its word cap."""
+    return max(16, 4 * max((len(w) for w in src), default=0))
+
+
 def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> dict:
     """wait-k WRITE/READ loop. The token that carries a WRITE's query is the last chosen target
     token (or the target-start marker), fed only after the READ before it, as in training. With
@@ -51,6 +58,7 @@ def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> d
         raise ValueError(f"sample {doc['id']}: empty source document")
     instr = prompter.instruction()
     cap = math.ceil(1.5 * len(src)) + 5  # words
+    max_word = max_word_tokens(src)
     session.feed(instr, list(range(len(instr))), [ROLE_INSTR] * len(instr))
     src_pos, tgt_pos, read = len(instr), target_offset, 0
 
@@ -82,8 +90,8 @@ def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> d
             if prompter.single_token_words:
                 word, carry = [t], [t]
                 break
-            if word and prompter.word_start(t):
-                carry, carry_in_word = [t], True
+            if word and (prompter.word_start(t) or len(word) >= max_word):
+                carry, carry_in_word = [t], True  # t begins the next word
                 break
             word.append(t)
             logits = feed_target([t])

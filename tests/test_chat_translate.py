@@ -1,0 +1,53 @@
+"""Streaming translation through the chat-model route (multi-token words) on a random-weight twin: a
+model that never writes a word start still ends each word within the word cap, and the document
+within its word cap, so no decoding loop can run away."""
+
+import pytest
+
+from kvbench import tasks
+from kvbench.engine.session import Session
+from kvbench.methods import REGISTRY
+from kvbench.models import build_model, load_model
+from kvbench.prompt import Prompter
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("twin") / "m")
+    build_model("random:tiny-llama", d, seed=0)
+    model, tok, _ = load_model(d)
+    return model, tok, d
+
+
+class Counting:
+    """The session as the task sees it, failing once more tokens were fed than the caps allow."""
+
+    def __init__(self, session, limit):
+        self.s, self.limit, self.fed = session, limit, 0
+
+    def __getattr__(self, name):
+        return getattr(self.s, name)
+
+    def feed(self, ids, *a, **kw):
+        self.fed += len(ids)
+        assert self.fed <= self.limit, f"{self.fed} tokens fed: the decoding loop ran past its caps"
+        return self.s.feed(ids, *a, **kw)
+
+
+@pytest.mark.parametrize("method,budget", [("full", None), ("h2o", 64)])
+def test_words_and_documents_end_within_their_caps(twin, method, budget):
+    model, tok, d = twin
+    p = Prompter(tok, d, "en", "fr")
+    doc = {"id": 0, "source": "The old house sleeps .", "target": "x"}
+    src = p.words(doc["source"])
+    words_cap = -(-3 * len(src) // 2) + 5
+    limit = len(p.instruction()) + sum(map(len, src)) + len(p.target_start()) + words_cap * tasks.max_word_tokens(src)
+    session = Counting(Session(model, REGISTRY[method](), budget, 16), limit)
+    out = tasks.translate(session, p, doc, k=3)
+    assert out["hyp_words"] <= words_cap and len(out["delays"]) == out["hyp_words"]
+    assert out["stop_reason"] in ("eos", "length_cap")
+
+
+def test_word_cap():
+    assert tasks.max_word_tokens([[1, 2], [3]]) == 16
+    assert tasks.max_word_tokens([[0] * 10]) == 40
