@@ -206,12 +206,6 @@ def _text_docs(rows, kind: str, field: str, room: int, n: int, counter: _Counter
     return out
 
 
-def hf_docs(cfg: dict, length: int, n: int, tokenizer) -> list[dict]:
-    """Up to n documents of at most `length` tokens from a datasets.load_dataset corpus (fewer when
-    the corpus is too short: make_data reports and checks that)."""
-    return _hf_docs(cfg, length, n, tokenizer)[0]
-
-
 def _hf_docs(cfg: dict, length: int, n: int, tokenizer) -> tuple[list[dict], str]:
     rows = _rows(cfg)
     kind = dataset_kind(cfg, rows)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 ROLE_INSTR, ROLE_SOURCE, ROLE_TARGET = 0, 1, 2
-ROLE_NAMES = {ROLE_INSTR: "instruction", ROLE_SOURCE: "source", ROLE_TARGET: "target"}
 WAIT_INF = 10**9  # k >= |source|: the oracle (batch) layout
 
 

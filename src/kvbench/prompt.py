@@ -8,7 +8,6 @@ tokenizer's word-start markers (a token that starts with a space marker begins a
 
 from __future__ import annotations
 
-import json
 import os
 
 from . import synth
@@ -92,7 +91,3 @@ class Prompter:
             return " ".join(self.tok.convert_ids_to_tokens([i for i in ids if i not in special]))
         return " ".join(self.tok.decode(ids, skip_special_tokens=True).split())
 
-
-def model_info(model_dir: str) -> dict:
-    p = os.path.join(model_dir, "kvbench_source.json")
-    return json.load(open(p)) if os.path.exists(p) else {}

@@ -277,11 +277,6 @@ def rope_apply(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin, rest], dim=-1).to(keys.dtype)
 
 
-def rope_rotate(model, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Re-rotate RoPE keys (H, C, D) by `delta` positions (H, C): R(p + d) = R(d) R(p)."""
-    return rope_apply(keys, *rope_tables(model, delta))
-
-
 def forward(model, ids: torch.Tensor, pos: torch.Tensor, cache: StoreCache, logits: str = "last"):
     """One forward of new tokens ids (n,) at positions pos (n,); returns logits (n or 1, V)."""
     out = model(
