@@ -171,7 +171,7 @@ ENGINE_FUNCS = [  # (file suffix, function) -> label; cumulative time per decode
     ("store.py", "compact", "    store.compact"),
     ("qstore.py", "compact", "    QuantKVStore.compact"),
     ("hf.py", "rotation", "    StoreCache.rotation (re-indexed positions)"),
-    ("layout.py", "reindexed_positions", "      reindexed_positions"),
+    ("streams.py", "reindexed_positions", "      reindexed_positions"),
     ("hf.py", "rope_tables", "      rope_tables (cos/sin)"),
     ("hf.py", "rope_apply", "    rope_apply (q and k, re-indexed positions)"),
     ("session.py", "observe", "  MemoryStats.observe"),
@@ -223,7 +223,7 @@ def run_profiles(targets: list[tuple[Timed, Timed]], device, role: int, steps: i
 def main(argv=None) -> int:
     a = parse_args(argv)
     from kvbench.engine import hf
-    from kvbench.layout import ROLE_SOURCE
+    from kvbench.streams import ROLE_SOURCE
     from kvbench.methods import REGISTRY
     from kvbench.models import load_model, resolve_device
 

@@ -64,7 +64,7 @@ class OffsetProbe:
         self.sess, self.rows = sess, []
 
     def after_feed(self, role: list[int]):
-        from kvbench.layout import ROLE_SOURCE, ROLE_TARGET
+        from kvbench.streams import ROLE_SOURCE, ROLE_TARGET
 
         if role[-1] != ROLE_TARGET:
             return

@@ -71,7 +71,7 @@ def ints(s: str) -> list[int]:
 
 def document(model_dir, tok, length: int, seed: int, vocab: int):
     """(ids, pos, role) of one document stream of about `length` tokens."""
-    from kvbench.layout import ROLE_SOURCE
+    from kvbench.streams import ROLE_SOURCE
     from kvbench.prompt import Prompter, is_builtin
 
     if is_builtin(model_dir):

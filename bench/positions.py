@@ -59,7 +59,7 @@ def parse_args(argv=None):
 def legacy_session_class():
     from kvbench.engine import hf
     from kvbench.engine.session import Session
-    from kvbench.layout import ROLE_TARGET
+    from kvbench.streams import ROLE_TARGET
     from kvbench.methods.base import LayerView
 
     class LegacySession(Session):
@@ -146,7 +146,7 @@ def make(model, kind: str, budget: int):
 
 
 def timing(model, budgets, a) -> list[dict]:
-    from kvbench.layout import ROLE_SOURCE
+    from kvbench.streams import ROLE_SOURCE
 
     g = torch.Generator().manual_seed(a.seed)
     kinds = ["old cache", "new shifted", "new cache", "original"]
@@ -189,7 +189,7 @@ def accuracy(model_dir: str, a) -> list[dict]:
     """Relative key error after a.evictions one-token steps in bf16, old vs new."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from kvbench.layout import ROLE_SOURCE
+    from kvbench.streams import ROLE_SOURCE
     from kvbench.models import load_model
 
     model = load_model(model_dir, "cpu", "bfloat16")[0]

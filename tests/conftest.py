@@ -71,10 +71,10 @@ class StreamInfo:
     the same token or its source form (the builtin lexicon's target names end in "x")."""
 
     def __init__(self, ids, pos, role, tok):
-        from kvbench import layout, synth
+        from kvbench import streams, synth
 
         self.ids, self.pos, self.role = ids, pos, role
-        self.copy = layout.ROLE_TARGET not in role
+        self.copy = streams.ROLE_TARGET not in role
         self.steps: dict[int, list[int]] = {}
         self.label: dict[int, int] = {}  # name step -> the name token it produces
         self.at = {(r, p): i for i, (r, p) in enumerate(zip(role, pos))}  # (role, pos) -> stream index
@@ -84,7 +84,7 @@ class StreamInfo:
         to_id = tok.convert_tokens_to_ids
         alias = {to_id(t): to_id(s) for tp, sp in ((lex.tfirst, lex.first), (lex.tlast, lex.last))
                  for tpool, spool in zip(tp, sp) for t, s in zip(tpool, spool)}
-        tgt = [i for i, r in enumerate(role) if r == layout.ROLE_TARGET]
+        tgt = [i for i, r in enumerate(role) if r == streams.ROLE_TARGET]
         for a, b in zip(tgt, tgt[1:]):  # the token fed at a predicts the target token at b
             lab = ids[b]
             if lab in alias:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kvbench import profiling
-from kvbench.layout import ROLE_SOURCE, ROLE_TARGET
+from kvbench.streams import ROLE_SOURCE, ROLE_TARGET
 
 
 def test_planted_heads_get_their_scores_and_types(planted_profile, tiny):

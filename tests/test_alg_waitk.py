@@ -1,6 +1,6 @@
 """wait-k pinned: the schedule, the stored delays, the stream fed at inference, and AL.
 
-Unit tier: `layout.build_stream` (the stream the builtin model is trained on) against a word-by-word
+Unit tier: `streams.build_stream` (the stream the builtin model is trained on) against a word-by-word
 reference of wait-k (Ma et al. 2019): exactly min(k + j, |src|) source words are read before target word
 j is written; multi-token words stay whole. Model tier: `tasks.translate` on the tiny model with a full
 cache, recording every token the engine is fed: the fed stream is the training stream of the same words,
@@ -14,14 +14,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench import layout, tasks
+from kvbench import streams, tasks
 from kvbench.engine.session import Session
-from kvbench.layout import ROLE_INSTR, ROLE_SOURCE, ROLE_TARGET
+from kvbench.streams import ROLE_INSTR, ROLE_SOURCE, ROLE_TARGET
 from kvbench.methods import method_from_config
 from kvbench.metrics import average_lagging
 from kvbench.prompt import Prompter
 
-KS = (1, 2, 3, 5, layout.WAIT_INF)
+KS = (1, 2, 3, 5, streams.WAIT_INF)
 K_IDS = ["k1", "k2", "k3", "k5", "oracle"]
 
 
@@ -47,7 +47,7 @@ def reference_reads(k: int, j: int, n_src: int) -> int:
 @pytest.mark.parametrize("k", KS, ids=K_IDS)
 @pytest.mark.parametrize("offset", [0, 7])
 def test_build_stream_is_wait_k(k, offset):
-    s = layout.build_stream(INSTR, SRC, TGT, k, target_offset=offset, eos=9)
+    s = streams.build_stream(INSTR, SRC, TGT, k, target_offset=offset, eos=9)
     n = len(SRC)
     assert s.ids[: len(INSTR)] == INSTR and s.role[: len(INSTR)] == [ROLE_INSTR] * len(INSTR)
     # walk the stream word by word: source words whole and in order, target words whole and in order
@@ -78,13 +78,13 @@ def test_build_stream_is_wait_k(k, offset):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8])
 def test_exactly_k_source_words_before_the_first_write(k):
-    s = layout.build_stream(INSTR, SRC, TGT, k)
+    s = streams.build_stream(INSTR, SRC, TGT, k)
     first = s.role.index(ROLE_TARGET)
     src_tokens = [t for t, r in zip(s.ids[:first], s.role[:first]) if r == ROLE_SOURCE]
     assert src_tokens == [t for w in SRC[:k] for t in w]  # k whole words (all 8 when k = 8), not k tokens
     assert s.delay[0] == k
-    assert layout.reads_before_write(0, k, len(SRC)) == k
-    assert [layout.reads_before_write(j, k, len(SRC)) for j in range(12)] == [min(k + j, 8) for j in range(12)]
+    assert streams.reads_before_write(0, k, len(SRC)) == k
+    assert [streams.reads_before_write(j, k, len(SRC)) for j in range(12)] == [min(k + j, 8) for j in range(12)]
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
@@ -92,7 +92,7 @@ def test_wait_k_delays_have_al_k(k):
     """The wait-k delays of a hypothesis as long as the source (and the reference) give AL = k exactly."""
     n = len(SRC)
     tgt = [[300]] + [[301 + j] for j in range(n)]  # start marker + n one-token words
-    s = layout.build_stream(INSTR, SRC, tgt, k)
+    s = streams.build_stream(INSTR, SRC, tgt, k)
     delays = s.delay[:n]  # the token fed at index j chooses word j
     assert delays == [min(k + j, n) for j in range(n)]
     assert average_lagging(delays, n, ref_len=n) == pytest.approx(k)
@@ -115,7 +115,7 @@ class RecordingSession(Session):
 
 @pytest.mark.parametrize("k", KS, ids=K_IDS)
 def test_translate_feeds_the_training_stream(tiny, docs, k):
-    """The token stream `translate` feeds is `layout.build_stream` of the words it wrote (the layout the
+    """The token stream `translate` feeds is `streams.build_stream` of the words it wrote (the layout the
     builtin model was trained on), up to the source words never read; each stored delay is the number of
     source words fed before the word was chosen; the first word is chosen after exactly k source words."""
     model, tok, d = tiny
@@ -129,7 +129,7 @@ def test_translate_feeds_the_training_stream(tiny, docs, k):
         fed_ids, fed_pos, fed_role = (list(x) for x in zip(*sess.fed))
         tgt_at = [i for i, r in enumerate(fed_role) if r == ROLE_TARGET]
         written = [[fed_ids[i]] for i in tgt_at]  # start marker + the words fed back (one token each)
-        ref = layout.build_stream(p.instruction(), src, written, k, target_offset=offset)
+        ref = streams.build_stream(p.instruction(), src, written, k, target_offset=offset)
         m = len(sess.fed)
         assert (fed_ids, fed_pos, fed_role) == (ref.ids[:m], ref.pos[:m], ref.role[:m]), f"k={k}"
         assert all(r == ROLE_SOURCE for r in ref.role[m:])  # only unread source is left over
@@ -152,6 +152,6 @@ def test_perplexity_feeds_the_training_stream(tiny, docs, k):
     doc = docs[96][1]
     sess = RecordingSession(model)
     tasks.perplexity(sess, p, doc, k)
-    ref = layout.build_stream(p.instruction(), p.words(doc["source"]),
+    ref = streams.build_stream(p.instruction(), p.words(doc["source"]),
                               [p.target_start()] + p.words(doc["target"]), k, eos=p.eos_id)
     assert sess.fed == list(zip(ref.ids, ref.pos, ref.role))

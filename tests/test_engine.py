@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench import layout, tasks
+from kvbench import streams, tasks
 from kvbench.engine.session import Session
 from kvbench.methods import REGISTRY, method_from_config
 from kvbench.prompt import Prompter
@@ -20,10 +20,10 @@ def prompter(tiny, translate=True):
     return Prompter(tok, d, "syn_src", "syn_tgt") if translate else Prompter(tok, d, None, None)
 
 
-def stream_logits_reference(model, s: layout.Stream) -> torch.Tensor:
+def stream_logits_reference(model, s: streams.Stream) -> torch.Tensor:
     """Plain transformers forward of a whole stream with an explicit 4-D GPE mask (sdpa)."""
     ids, pos, role = s.tensors()
-    mask = layout.stream_mask(role)
+    mask = streams.stream_mask(role)
     add = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)[None, None]
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
@@ -51,7 +51,7 @@ def mixed_profile(tiny, planted_profile):
     return prof
 
 
-def stream_logits(sess: Session, s: layout.Stream, chunk: int = 16) -> torch.Tensor:
+def stream_logits(sess: Session, s: streams.Stream, chunk: int = 16) -> torch.Tensor:
     """(T, V) logits of every token of a teacher-forced stream, fed in chunks as perplexity feeds it."""
     return torch.cat([sess.feed(s.ids[a:a + chunk], s.pos[a:a + chunk], s.role[a:a + chunk], logits="all")
                       for a in range(0, len(s.ids), chunk)])
@@ -238,9 +238,9 @@ def test_gpe_streaming_source_kv_equals_prefill(tiny, docs):
     instr = p.instruction()
     ids = instr + [t for w in src_words for t in w]
     ref = Session(model, method_from_config("full", {}), None, chunk_size=1000)
-    ref.feed(ids, list(range(len(ids))), [layout.ROLE_INSTR] * len(instr) + [layout.ROLE_SOURCE] * (len(ids) - len(instr)))
+    ref.feed(ids, list(range(len(ids))), [streams.ROLE_INSTR] * len(instr) + [streams.ROLE_SOURCE] * (len(ids) - len(instr)))
     for a, b in zip(sess.stores, ref.stores):
-        src = a.role[0] != layout.ROLE_TARGET
+        src = a.role[0] != streams.ROLE_TARGET
         assert (a.k[:, src] - b.k).abs().max() < 1e-5
         assert (a.v[:, src] - b.v).abs().max() < 1e-5
 

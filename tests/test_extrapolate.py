@@ -13,7 +13,7 @@ from kvbench import builtin
 from kvbench.config import ConfigError, load_config
 from kvbench.data import make_data
 from kvbench.evaluate import run_eval
-from kvbench.layout import PositionRule
+from kvbench.streams import PositionRule
 
 MAX_POS = 256
 LENGTH = 768

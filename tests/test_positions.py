@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvbench import layout, tasks
+from kvbench import streams, tasks
 from kvbench.engine.session import Session
 from kvbench.methods import method_from_config
 from kvbench.prompt import Prompter
@@ -57,7 +57,7 @@ class Probe:
         self.session.cache.trace = None
 
 
-def intended_positions(mode: str, seqs: list[int], s: layout.Stream, base: dict, n_sink: int = 0,
+def intended_positions(mode: str, seqs: list[int], s: streams.Stream, base: dict, n_sink: int = 0,
                        max_lead: int = 10**9) -> list[int]:
     """Intended RoPE position of each entry in `seqs` (the cached entries plus the new tokens of one
     forward, stream order) under `mode`."""
@@ -67,19 +67,19 @@ def intended_positions(mode: str, seqs: list[int], s: layout.Stream, base: dict,
         return shifted_positions(seqs, s, n_sink, max_lead)
     out, count = [], {False: 0, True: 0}
     for j in sorted(seqs):
-        g = s.role[j] == layout.ROLE_TARGET
+        g = s.role[j] == streams.ROLE_TARGET
         out.append((j, base[g] + count[g]))
         count[g] += 1
     d = dict(out)
     return [d[j] for j in seqs]
 
 
-def shifted_positions(seqs: list[int], s: layout.Stream, n_sink: int, max_lead: int) -> list[int]:
+def shifted_positions(seqs: list[int], s: streams.Stream, n_sink: int, max_lead: int) -> list[int]:
     """The GPE-consistent re-indexing, from its definition: sinks (the first n_sink tokens of the
     stream) keep their positions; a group's advance is how far its oldest cached non-sink is past
     the group's first non-sink position; every non-sink moves down by the smallest advance s, and a
     group whose advance exceeds s + max_lead by the excess too."""
-    tgt = [r == layout.ROLE_TARGET for r in s.role]
+    tgt = [r == streams.ROLE_TARGET for r in s.role]
     first = {}
     for j in range(len(s.ids)):
         if j >= n_sink:
@@ -102,11 +102,11 @@ def rope_ref(model, x_pre: torch.Tensor, positions: list[int]) -> torch.Tensor:
     return r[0]  # (H, n, D)
 
 
-def check_calls(model, probe: Probe, mode: str, s: layout.Stream, tol: float, n_sink: int = 0,
+def check_calls(model, probe: Probe, mode: str, s: streams.Stream, tol: float, n_sink: int = 0,
                 max_lead: int = 10**9) -> int:
     """Compare every recorded attention call with the reference; returns the number of evicting
     forwards seen (a test that never evicts proves nothing)."""
-    base = {False: s.pos[0], True: next((p for p, r in zip(s.pos, s.role) if r == layout.ROLE_TARGET), 0)}
+    base = {False: s.pos[0], True: next((p for p, r in zip(s.pos, s.role) if r == streams.ROLE_TARGET), 0)}
     evicted, last_max = 0, -1
     for call in probe.calls:
         li = call["layer"]
@@ -165,7 +165,7 @@ def test_positions_token_by_token_translation(tiny, docs, mode):
     model, tok, d = tiny
     p = Prompter(tok, d, "syn_src", "syn_tgt")
     sess = Session(model, method_from_config("streaming_llm", {"n_sink": 4, "positions": mode}), 20, chunk_size=8)
-    fed = layout.Stream([], [], [], [])
+    fed = streams.Stream([], [], [], [])
     real_feed = sess.feed
 
     def recording_feed(ids, pos, role, logits="last"):
@@ -202,7 +202,7 @@ def test_no_drift_after_5000_evictions_bf16(mode="shifted"):
     n = budget + n_evict
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, model.config.vocab_size, (n,), generator=g).tolist()
-    s = layout.Stream(ids, list(range(n)), [layout.ROLE_SOURCE] * n, [])
+    s = streams.Stream(ids, list(range(n)), [streams.ROLE_SOURCE] * n, [])
     sess = Session(model, method_from_config("streaming_llm", {"n_sink": n_sink, "positions": mode}), budget,
                    chunk_size=64)
     # pre-RoPE hooks from the start (for the entries still cached at the end); the trace: last step
@@ -261,7 +261,7 @@ def oracle_stream(tiny, docs):
     """The oracle layout (whole source, then the target from position 0): one group runs far ahead."""
     model, tok, d = tiny
     p = Prompter(tok, d, "syn_src", "syn_tgt")
-    return tasks.document_stream(p, docs[192][0], k=layout.WAIT_INF)[0]
+    return tasks.document_stream(p, docs[192][0], k=streams.WAIT_INF)[0]
 
 
 @pytest.mark.parametrize("layout_name,budget,max_lead", [("wait3", 16, None), ("wait3", 40, None),
@@ -279,7 +279,7 @@ def test_shifted_positions_bounded_sinks_fixed_offsets_kept(tiny, docs, layout_n
     sess.cache.trace = []
     sess.feed(s.ids, s.pos, s.role)
     w = budget if max_lead is None else max_lead
-    orig, tgt = torch.tensor(s.pos), torch.tensor(s.role) == layout.ROLE_TARGET
+    orig, tgt = torch.tensor(s.pos), torch.tensor(s.role) == streams.ROLE_TARGET
     capped = 0
     for call in sess.cache.trace:
         for h in range(call["kpos"].shape[0]):

@@ -4,7 +4,7 @@
 
 Architecture and recipe follow shared BUILTIN_MODEL.md (hidden 128, 4 layers, 4 query / 2 KV heads,
 head_dim 64, word-level tokenizer). Training uses the exact stream layout of inference
-(`kvbench.layout`): wait-k interleaving with a random k per document (including the oracle layout,
+(`kvbench.streams`): wait-k interleaving with a random k per document (including the oracle layout,
 k = inf), Group Position Encoding, and the GPE attention mask; the loss is on target tokens only.
 The result is a normal HF folder (config.json, tokenizer.json, model.safetensors) plus
 `training_log.csv` (the loss curve) and `build_info.json`.
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import layout, synth
+from . import streams, synth
 from .io import MARKER, atomic_dir, sha256_file
 from .progress import progress
 
@@ -32,7 +32,7 @@ RECIPES = {
     "tiny-synth": dict(steps=2400, tokens_per_step=4096, lengths=(256, 512, 1024, 2048)),
     "micro-synth": dict(steps=40, tokens_per_step=2048, lengths=(128, 256)),
 }
-WAIT_KS = (1, 2, 3, 4, 5, 6, 8, 10, 15, layout.WAIT_INF)
+WAIT_KS = (1, 2, 3, 4, 5, 6, 8, 10, 15, streams.WAIT_INF)
 
 
 @dataclass
@@ -82,7 +82,7 @@ def training_example(tokenizer, lex, length: int, rng: random.Random, target_off
     src = [[vocab[w]] for w in doc.source]
     tgt = [[vocab[synth.TARGET_START]]] + [[vocab[w]] for w in doc.target]
     instr = [tokenizer.bos_token_id] + [vocab[w] for w in synth.INSTRUCTION]
-    return layout.build_stream(instr, src, tgt, k=rng.choice(WAIT_KS), target_offset=target_offset,
+    return streams.build_stream(instr, src, tgt, k=rng.choice(WAIT_KS), target_offset=target_offset,
                                eos=tokenizer.eos_token_id)
 
 
@@ -101,7 +101,7 @@ def batch(tokenizer, lex, length: int, n: int, rng: random.Random, target_offset
         # aligned to the token that predicts them, so place them one step later
         m = min(t, length - 1)
         labels[b, 1 : m + 1] = torch.tensor(s.labels[:m])
-        mask[b, 0, :t, :t] = layout.stream_mask(r)
+        mask[b, 0, :t, :t] = streams.stream_mask(r)
         mask[b, 0, t:, :] = True  # padding rows: attend anywhere (no NaNs; they carry no loss)
     return ids, pos, labels, mask
 

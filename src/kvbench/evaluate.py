@@ -150,7 +150,7 @@ def _check_positions(prompter, docs: list[dict], path: str, task: str, task_para
     at or past the model's maximum (RoPE models would run on silently, out of their trained range)."""
     import math
 
-    from . import layout
+    from . import streams
 
     k = int(task_params.get("wait_k", TASK_DEFAULTS["wait_k"]))
     off = int(task_params.get("target_offset", TASK_DEFAULTS["target_offset"]))
@@ -169,7 +169,7 @@ def _check_positions(prompter, docs: list[dict], path: str, task: str, task_para
             cap = math.ceil(1.5 * n_src_words) + 5 if prompter.single_token_words else 0
             need = max(len(instr) + src, off + len(start) + max(cap, ref))
         else:
-            s, _ = tasks.document_stream(prompter, d, min(k, layout.WAIT_INF), off)
+            s, _ = tasks.document_stream(prompter, d, min(k, streams.WAIT_INF), off)
             tokens = len(s.ids)
             need = max(s.pos) + 1
             if task == "latency":

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import layout
+from . import streams
 from .io import atomic_path
 
 TYPES = ("retrieval", "induction", "local")  # priority order
@@ -57,7 +57,7 @@ def copy_probe(model, tok, rng: random.Random, n: int):
     a = rng.sample(pool, n)
     ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + a + a
     off = len(ids) - 2 * n
-    probs, pred = _record(model, ids, list(range(len(ids))), [layout.ROLE_SOURCE] * len(ids))
+    probs, pred = _record(model, ids, list(range(len(ids))), [streams.ROLE_SOURCE] * len(ids))
     # query at the copy of a[j] (index off+n+j) produces a[j+1], first seen at index off+j+1
     q = torch.tensor([off + n + j for j in range(n - 1)])
     src = torch.tensor([off + j + 1 for j in range(n - 1)])

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from . import layout
-from .layout import ROLE_INSTR, ROLE_SOURCE, ROLE_TARGET
+from . import streams
+from .streams import ROLE_INSTR, ROLE_SOURCE, ROLE_TARGET
 from .metrics import lagging_scores
 
 TASKS = ("translate_stream", "translate_batch", "ppl", "latency")
@@ -110,19 +110,19 @@ def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> d
     return dict(
         source=doc["source"], hypothesis=hyp_text, reference=ref, delays=[float(d) for d in delays],
         src_words=len(src), hyp_words=len(delays), stop_reason=stop,
-        wait_k=min(k, layout.WAIT_INF), **lag,
+        wait_k=min(k, streams.WAIT_INF), **lag,
     )
 
 
-def document_stream(prompter, doc: dict, k: int, target_offset: int = 0) -> tuple[layout.Stream, torch.Tensor]:
+def document_stream(prompter, doc: dict, k: int, target_offset: int = 0) -> tuple[streams.Stream, torch.Tensor]:
     """The teacher-forced stream of a document and its labels (next token to score, -100: none)."""
     if doc.get("target"):
         src, tgt = prompter.words(doc["source"]), prompter.words(doc["target"])
-        s = layout.build_stream(prompter.instruction(), src, [prompter.target_start()] + tgt, k,
+        s = streams.build_stream(prompter.instruction(), src, [prompter.target_start()] + tgt, k,
                                 target_offset, eos=prompter.eos_id)
     else:
         ids = prompter.plain(doc["source"])
-        s = layout.Stream(ids, list(range(len(ids))), [ROLE_SOURCE] * len(ids), [], ids[1:] + [-100])
+        s = streams.Stream(ids, list(range(len(ids))), [ROLE_SOURCE] * len(ids), [], ids[1:] + [-100])
     if len(s.ids) < 2:
         raise ValueError(f"sample {doc['id']}: document has fewer than 2 tokens")
     return s, torch.tensor(s.labels)
@@ -170,7 +170,7 @@ def run_task(task: str, session, prompter, doc: dict, params: dict) -> dict:
     if task == "translate_stream":
         return translate(session, prompter, doc, k, off)
     if task == "translate_batch":
-        return translate(session, prompter, doc, layout.WAIT_INF, off)
+        return translate(session, prompter, doc, streams.WAIT_INF, off)
     if task == "ppl":
         return perplexity(session, prompter, doc, k, off)
     if task == "latency":

@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..layout import ROLE_TARGET
+from ..streams import ROLE_TARGET
 
 SUPPORTED_TRANSFORMERS = ("5.23.",)
 ATTN_NAME = "kvbench"

@@ -18,7 +18,7 @@ as in any prefill chunk), not cache. Without a budget (the full cache) chunks ar
 Memory is measured here, from the tensors the stores hold, after every forward (peak, before
 eviction) and after every eviction (the steady state); a stepwise chunk contributes one snapshot
 per token, summed over layers. Nothing in here branches on a method's name:
-it reads the method's flags (and its optional `position_rule`, see kvbench.layout.PositionRule).
+it reads the method's flags (and its optional `position_rule`, see kvbench.streams.PositionRule).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..layout import ROLE_TARGET, PositionRule, reindexed_positions
+from ..streams import ROLE_TARGET, PositionRule, reindexed_positions
 from ..methods.base import LayerView, Method
 from . import hf
 from .store import KVStore
@@ -104,7 +104,7 @@ class Session:
                        for i in range(self.geom["n_layers"])]
         self.cache = hf.StoreCache(self.stores, model)
         self.seq = 0
-        # re-indexed positions (StreamingLLM): declared by the method as a layout.PositionRule
+        # re-indexed positions (StreamingLLM): declared by the method as a streams.PositionRule
         self.rule: PositionRule | None = getattr(method, "position_rule", None)
         self.first: dict = {}  # ("all" | "nonsink", is_target) -> original position of the group's first token
         if self.rule is not None:

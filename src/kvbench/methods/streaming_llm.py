@@ -3,7 +3,7 @@
 Xiao et al. 2024, "Efficient Streaming Language Models with Attention Sinks" (ICLR). Keeps the
 first `n_sink` tokens of the stream forever and the most recent `budget - n_sink`.
 
-`positions` (how RoPE positions are assigned once tokens are evicted; kvbench.layout.PositionRule):
+`positions` (how RoPE positions are assigned once tokens are evicted; kvbench.streams.PositionRule):
 - `shifted` (default): the paper's re-indexing, made consistent with Group Position Encoding. Sinks
   keep their positions; every other entry takes its original position minus one shift shared by
   the source and target groups, so positions stay bounded (as in the paper) and every offset between
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..layout import REINDEX_MODES, PositionRule
+from ..streams import REINDEX_MODES, PositionRule
 from .base import LayerView, Method, register
 
 POSITIONS = REINDEX_MODES + ("original",)
