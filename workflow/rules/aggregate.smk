@@ -19,11 +19,11 @@ rule aggregate:
     conda:
         "../../envs/kvbench.yaml"
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=30,
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(30),
     params:
         config=shlex.quote(json.dumps(config)),
-        out=lambda wc, output: os.path.dirname(output.all),
+        out=aggregate_out_dir,
     shell:
         "python -m kvbench aggregate --no-figures --config-json {params.config} --raw {input.raw} "
         "--out {params.out} > {log} 2>&1"
@@ -32,16 +32,8 @@ rule aggregate:
 rule figure:
     input:
         raw=figure_inputs,
-        heads=lambda wc: (
-            expand("results/heads/{model}.parquet", model=PROFILED_MODELS)
-            if wc.name == "heads"
-            else []
-        ),
-        models=lambda wc: (
-            expand("resources/models/{model}", model=TRAINED_MODELS)
-            if wc.name == "training"
-            else []
-        ),
+        heads=figure_heads,
+        models=figure_models,
     output:
         pdf=report(
             "results/figures/{name}.pdf",
@@ -55,10 +47,10 @@ rule figure:
     conda:
         "../../envs/kvbench.yaml"
     resources:
-        mem_mb=lambda wc, attempt: 2000 * attempt,
-        runtime=15,
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(15),
     params:
-        out=lambda wc, output: os.path.dirname(os.path.dirname(output.pdf)),
+        out=figure_out_dir,
         methods=" ".join(config["methods"]),
     shell:
         "python -m kvbench aggregate --figure {wildcards.name} --raw {input.raw} "

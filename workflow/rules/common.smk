@@ -1,10 +1,9 @@
-# Input helpers and the job table. The config is validated (JSON schema + method fields) before
-# any job is planned; output paths are a pure function of the config.
+# Input, parameter and resource helpers, and the job table. The config is validated (JSON schema +
+# method fields) before any job is planned; output paths are a pure function of the config.
 import json
+import os
 import shlex
 import sys
-
-from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from kvbench.config import (
@@ -22,9 +21,10 @@ from kvbench.config import load_yaml  # noqa: E402
 for _configfile in workflow.configfiles:
     load_yaml(str(_configfile))
 
-# ours first: names that are path components (no `..`), strict numbers, errors naming the key
+# Validated once per Snakemake process, here: workflow/schemas/config.schema.yaml (defaults filled
+# in) plus what a schema cannot say: names that are path components (no `..`), strict numbers,
+# method fields, model positions. Errors name the key.
 validate_config(config)
-validate(config, "../schemas/config.schema.yaml")
 
 JOBS = job_table(config)
 USE_GPU = config.get("device", "auto") == "cuda"
@@ -62,24 +62,16 @@ wildcard_constraints:
     name="|".join(FIGURE_TASKS),
 
 
+# ---- paths and inputs
+
+
 def raw_path(j):
+    """Raw result Parquet of one job of the job table."""
     return f"results/raw/{j.path}"
 
 
-def method_type(wc):
-    return config["methods"][wc.method]["type"]
-
-
-def method_params(wc):
-    m = config["methods"][wc.method]
-    return shlex.quote(json.dumps({k: v for k, v in m.items() if k != "type"}))
-
-
-def task_params(wc):
-    return shlex.quote(json.dumps(config.get("tasks", {}).get(wc.task, {})))
-
-
 def eval_inputs(wc):
+    """Model, documents and, for a method that needs one, the head profile of an eval job."""
     ins = {
         "model": f"resources/models/{wc.model}",
         "data": f"resources/data/{wc.model}/{wc.dataset}/L{wc.length}.jsonl",
@@ -89,19 +81,106 @@ def eval_inputs(wc):
     return ins
 
 
-def job_hash(wc):
-    return config_hash(job_config(config, wc.model, wc.task, wc.dataset, wc.method))
-
-
 def figure_inputs(wc):
+    """Raw results a figure plots: every job of the tasks it shows."""
     return [raw_path(j) for j in JOBS if j.task in FIGURE_TASKS[wc.name]]
 
 
+def figure_heads(wc):
+    """Head profiles of every profiled model, for the heads figure only."""
+    if wc.name != "heads":
+        return []
+    return expand("results/heads/{model}.parquet", model=PROFILED_MODELS)
+
+
+def figure_models(wc):
+    """Folders of the models trained here (their loss curves), for the training figure only."""
+    if wc.name != "training":
+        return []
+    return expand("resources/models/{model}", model=TRAINED_MODELS)
+
+
+# ---- params: command-line values of one job
+
+
+def model_source(wc):
+    """The model's source string (builtin:, hub:, path: or random:)."""
+    return config["models"][wc.model]["source"]
+
+
+def steps_flag(wc):
+    """`--steps N` when the config sets the model's training steps, else nothing."""
+    steps = config["models"][wc.model].get("steps")
+    return f"--steps {steps}" if steps else ""
+
+
+def train_flag(wc):
+    """`--train` when the config asks to train the model here, else nothing."""
+    return "--train" if config["models"][wc.model].get("train") else ""
+
+
+def dataset_json(wc):
+    """The dataset's config section as one shell-quoted JSON word."""
+    return shlex.quote(json.dumps(config["datasets"][wc.dataset]))
+
+
+def method_type(wc):
+    """Registered type of the method variant (e.g. streaming_llm for sink4)."""
+    return config["methods"][wc.method]["type"]
+
+
+def method_params(wc):
+    """The method variant's parameters as one shell-quoted JSON word."""
+    m = config["methods"][wc.method]
+    return shlex.quote(json.dumps({k: v for k, v in m.items() if k != "type"}))
+
+
+def task_params(wc):
+    """The task's config section as one shell-quoted JSON word."""
+    return shlex.quote(json.dumps(config.get("tasks", {}).get(wc.task, {})))
+
+
+def profile_flag(wc, input):
+    """`--profile FILE` when the eval job takes a head profile, else nothing."""
+    return f"--profile {input.profile}" if "profile" in input.keys() else ""
+
+
+def job_hash(wc):
+    """Hash of the config sections one eval job reads (its rows' config_hash)."""
+    return config_hash(job_config(config, wc.model, wc.task, wc.dataset, wc.method))
+
+
 def extrapolate_flag(wc):
+    """`--extrapolate` when the model allows lengths past its positions, else nothing."""
     return "--extrapolate" if config["models"][wc.model].get("extrapolate") else ""
 
 
+def aggregate_out_dir(wc, output):
+    """Results folder that aggregation writes all.parquet and tables/ into."""
+    return os.path.dirname(output.all)
+
+
+def figure_out_dir(wc, output):
+    """Results folder above figures/, for a figure job."""
+    return os.path.dirname(os.path.dirname(output.pdf))
+
+
+# ---- resources: what one job needs, declared by each rule (profiles/ only map them to an
+# executor). Retries (`retries` in the profiles) ask for `attempt` times the first request,
+# so a job killed for memory or time gets twice as much on attempt 2.
+
+
+def per_attempt(first):
+    """Resource function: `first` (MB of memory, minutes of runtime) times the attempt number."""
+
+    def scaled(wildcards, attempt):
+        return first * attempt
+
+    return scaled
+
+
 def gpu(wc):
+    """GPUs a model-running job holds: 1 on CUDA (locally `--resources gpu=1` limits them), else 0."""
     return 1 if USE_GPU else 0
 
 

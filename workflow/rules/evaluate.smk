@@ -13,15 +13,13 @@ rule evaluate:
     threads: 1
     resources:
         gpu=gpu,
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=240,
+        mem_mb=per_attempt(16000),
+        runtime=per_attempt(480),
     params:
         type=method_type,
         params=method_params,
         task_params=task_params,
-        profile=lambda wc, input: (
-            f"--profile {input.profile}" if "profile" in input.keys() else ""
-        ),
+        profile=profile_flag,
         seed=config["seed"],
         device=config["device"],
         dtype=config["dtype"],

@@ -11,17 +11,13 @@ rule build_model:
     threads: 2
     resources:
         gpu=gpu,
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=120,
+        mem_mb=per_attempt(8000),
+        runtime=per_attempt(120),
     params:
-        source=lambda wc: config["models"][wc.model]["source"],
-        steps=lambda wc: (
-            f"--steps {config['models'][wc.model]['steps']}"
-            if config["models"][wc.model].get("steps")
-            else ""
-        ),
+        source=model_source,
+        steps=steps_flag,
         seed=config["seed"],
-        train=lambda wc: "--train" if config["models"][wc.model].get("train") else "",
+        train=train_flag,
     shell:
         "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=100000000000 "
         "MALLOC_TOP_PAD_=1073741824 OMP_NUM_THREADS={threads} "
@@ -39,10 +35,10 @@ rule make_data:
     conda:
         "../../envs/kvbench.yaml"
     resources:
-        mem_mb=lambda wc, attempt: 2000 * attempt,
-        runtime=20,
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(30),
     params:
-        dataset=lambda wc: shlex.quote(json.dumps(config["datasets"][wc.dataset])),
+        dataset=dataset_json,
         extrapolate=extrapolate_flag,
         seed=config["seed"],
     shell:

@@ -12,8 +12,8 @@ rule profile_heads:
         "../../envs/kvbench.yaml"
     resources:
         gpu=gpu,
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=60,
+        mem_mb=per_attempt(16000),
+        runtime=per_attempt(120),
     params:
         n_prompts=config["profiling"]["n_prompts"],
         seed=config["seed"],
