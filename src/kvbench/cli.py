@@ -155,9 +155,32 @@ def cmd_make_data(a) -> None:
     print(f"wrote {n} documents to {a.out}")
 
 
-def cmd_eval(a) -> None:
-    from .evaluate import run_eval
+# eval's per-field options and their defaults (None: required without --job)
+EVAL_FIELDS = {"model_name": "model", "task": None, "dataset": "dataset", "method": None, "type": "",
+               "param": [], "params_json": "{}", "task_param": [], "task_params_json": "{}", "budget": "full",
+               "length": None, "seed": 0, "device": "auto", "dtype": "float32", "chunk_size": 64, "config_hash": "",
+               "extrapolate": False}
 
+
+def cmd_eval(a) -> None:
+    from .evaluate import run_eval, run_job
+
+    given = [k for k in EVAL_FIELDS if getattr(a, k) is not None]
+    if a.job:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"--job carries every setting of the job: drop {flags} (or drop --job)")
+        from .job import Job
+
+        run_job(Job.from_json(a.job), model_dir=a.model, data=a.data, out=a.out, profile=a.profile,
+                max_samples=a.max_samples, log=sys.stderr)
+        return
+    missing = ["--" + k.replace("_", "-") for k, v in EVAL_FIELDS.items() if v is None and getattr(a, k) is None]
+    if missing:
+        raise ValueError(f"give --job, or the job field by field: missing {', '.join(missing)}")
+    for k, v in EVAL_FIELDS.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     params = _merge("--params-json", _json_object("--params-json", a.params_json), "--param", _kv(a.param))
     task_params = _merge("--task-params-json", _json_object("--task-params-json", a.task_params_json),
                          "--task-param", _kv(a.task_param, "--task-param"))
@@ -239,39 +262,44 @@ def main(argv=None) -> None:
                                    "one Parquet row per sample. Everything is checked before the model loads; a "
                                    "killed job resumes from <out>.partial/.")
     s.add_argument("--model", required=True, metavar="DIR", help="model folder made by build-model")
-    s.add_argument("--model-name", default="model", help=f"model name recorded in each row {d}")
-    s.add_argument("--task", required=True, metavar="TASK",
-                   help="translate_stream (wait-k simultaneous translation), translate_batch (whole source first: "
-                        "the upper bound), ppl (perplexity through the cache) or latency (per-token decode time)")
+    s.add_argument("--job", metavar="JSON|FILE",
+                   help="the job as the workflow passes it (kvbench.job.Job: cell, budget and its config slice), "
+                        "instead of the per-field options below; its hash is recorded as config_hash")
     s.add_argument("--data", required=True, metavar="FILE.jsonl", help="documents made by make-data at --length")
-    s.add_argument("--dataset", default="dataset", help=f"dataset name recorded in each row {d}")
-    s.add_argument("--method", required=True, help="variant name recorded in each row (a path component, e.g. sink4)")
-    s.add_argument("--type", help="registered method type, see `kvbench methods` (default: the variant name)")
-    s.add_argument("--param", action="append", metavar="KEY=VALUE",
-                   help="method parameter, the value as JSON (repeatable; wins over --params-json, with a warning)")
-    s.add_argument("--params-json", default="{}", metavar="JSON", help="method parameters as one JSON object")
-    s.add_argument("--task-param", action="append", metavar="KEY=VALUE",
-                   help="task parameter: wait_k (source words read before writing, >= 1), target_offset (first "
-                        "target position, >= 0), n_decode and warmup (latency: timed and untimed decode steps)")
-    s.add_argument("--task-params-json", default="{}", metavar="JSON", help="task parameters as one JSON object")
-    s.add_argument("--budget", default="full",
-                   help="KV budget in tokens per (layer, KV head), a positive integer; 'full' (the default) keeps "
-                        "every token: the only budget of method type full, and none of an evicting method")
-    s.add_argument("--length", type=_int(1), required=True,
-                   help="document length in tokens the data was built for (recorded in each row; checked)")
     s.add_argument("--out", required=True, metavar="FILE.parquet",
                    help="result file: new or a previous eval result (never another file or a folder)")
     s.add_argument("--profile", metavar="FILE.parquet", help="head profile from `kvbench profile` (head-aware methods)")
-    s.add_argument("--seed", type=_int(0), default=0, help=f"torch seed {d}")
-    s.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:<index> "
-                                                    f"or mps; it must exist on this machine {d}")
-    s.add_argument("--dtype", default="float32", metavar="DTYPE",
-                   help=f"model and cache precision: float32, float16 or bfloat16 {d}")
-    s.add_argument("--chunk-size", type=_int(1, key="chunk_size"), default=64,
-                   help=f"prefill chunk in tokens: one forward while nothing is evicted inside it, stepwise (exact, at most budget + 1 entries per head) past the budget {d}")
     s.add_argument("--max-samples", type=_int(1, key="max_samples"), default=None, help="only the first N documents (default: all)")
-    s.add_argument("--config-hash", default="", help="hash of the job's config, recorded in each row (Snakemake)")
-    s.add_argument("--extrapolate", action="store_true", help=EXTRAPOLATE_HELP)
+    f = s.add_argument_group("the job, field by field (a hand run; the workflow passes --job instead)")
+    f.add_argument("--model-name", help="model name recorded in each row (default: model)")
+    f.add_argument("--task", metavar="TASK",
+                   help="translate_stream (wait-k simultaneous translation), translate_batch (whole source first: "
+                        "the upper bound), ppl (perplexity through the cache) or latency (per-token decode time)")
+    f.add_argument("--dataset", help="dataset name recorded in each row (default: dataset)")
+    f.add_argument("--method", help="variant name recorded in each row (a path component, e.g. sink4)")
+    f.add_argument("--type", help="registered method type, see `kvbench methods` (default: the variant name)")
+    f.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="method parameter, the value as JSON (repeatable; wins over --params-json, with a warning)")
+    f.add_argument("--params-json", metavar="JSON", help="method parameters as one JSON object")
+    f.add_argument("--task-param", action="append", metavar="KEY=VALUE",
+                   help="task parameter: wait_k (source words read before writing, >= 1), target_offset (first "
+                        "target position, >= 0), n_decode and warmup (latency: timed and untimed decode steps)")
+    f.add_argument("--task-params-json", metavar="JSON", help="task parameters as one JSON object")
+    f.add_argument("--budget",
+                   help="KV budget in tokens per (layer, KV head), a positive integer; 'full' (the default) keeps "
+                        "every token: the only budget of method type full, and none of an evicting method")
+    f.add_argument("--length", type=_int(1),
+                   help="document length in tokens the data was built for (recorded in each row; checked)")
+    f.add_argument("--seed", type=_int(0), help="torch seed (default: 0)")
+    f.add_argument("--device", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:<index> "
+                                    "or mps; it must exist on this machine (default: auto)")
+    f.add_argument("--dtype", metavar="DTYPE", help="model and cache precision: float32, float16 or bfloat16 "
+                                                    "(default: float32)")
+    f.add_argument("--chunk-size", type=_int(1, key="chunk_size"),
+                   help="prefill chunk in tokens: one forward while nothing is evicted inside it, stepwise (exact, "
+                        "at most budget + 1 entries per head) past the budget (default: 64)")
+    f.add_argument("--config-hash", help="hash of the job's config, recorded in each row (default: none)")
+    f.add_argument("--extrapolate", action="store_true", default=None, help=EXTRAPOLATE_HELP)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("profile", help="profile attention heads (retrieval / induction / local)",

@@ -19,16 +19,16 @@ output path.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
 import os
 import re
 import sys
-from dataclasses import dataclass
 
 import yaml
+
+from .job import INT_MAX, Budget, Job, config_hash, job_config  # noqa: F401 - re-exported (workflow, tests)
 
 SCHEMA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "workflow", "schemas", "config.schema.yaml")
@@ -39,7 +39,6 @@ class ConfigError(ValueError):
     pass
 
 
-INT_MAX = 2**31 - 1  # every integer in a config or on a command line (seeds, budgets, lengths, counts)
 MAX_SAMPLES = 1_000_000  # documents per dataset cell: more is a typo, and building them would not end
 MAX_PROMPTS = 100_000  # profiling probe prompts (kvbench profile --n-prompts has the same bound)
 NAME_MAX = 64
@@ -131,21 +130,9 @@ def load_yaml(path: str):
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def parse_budget(budget: str | int | None) -> int | None:
-    """'full' (or None) -> None; a positive integer (or its exact text) -> int; anything else: ValueError."""
-    if budget in (None, "full"):
-        return None
-    if isinstance(budget, (bool, float)):
-        raise ValueError(f"budget must be a positive integer or 'full', got {budget!r}")
-    try:
-        b = int(budget)
-    except (TypeError, ValueError):
-        raise ValueError(f"budget must be a positive integer or 'full', got {budget!r}") from None
-    if b <= 0 or str(b) != str(budget).strip():
-        raise ValueError(f"budget must be a positive integer or 'full', got {budget!r}")
-    if b > INT_MAX:
-        raise ValueError(f"budget must be at most {INT_MAX} tokens, got {budget!r}")
-    return b
+def parse_budget(budget) -> int | None:
+    """'full' (or None) -> None; a positive integer (or its exact text) -> int (job.Budget.parse)."""
+    return Budget.parse(budget).tokens
 
 
 _SIMPLE_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -537,34 +524,6 @@ def load_config(path: str, *overlays: str) -> dict:
     return validate_config(cfg)
 
 
-def config_hash(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def job_config(cfg: dict, model: str, task: str, dataset: str, method: str) -> dict:
-    """The part of the config one eval job depends on (its hash is the row's `config_hash`, so
-    editing an unrelated study never re-runs a finished job)."""
-    keys = ("seed", "device", "dtype", "chunk_size")
-    return dict(
-        {k: cfg.get(k) for k in keys}, model=cfg["models"][model], dataset=cfg["datasets"][dataset],
-        method=cfg["methods"][method], task=cfg.get("tasks", {}).get(task, {}),
-    )
-
-
-@dataclass(frozen=True)
-class Job:
-    model: str
-    task: str
-    dataset: str
-    method: str
-    length: int
-    budget: str  # "full" or integer text
-
-    @property
-    def path(self) -> str:
-        return f"{self.model}/{self.task}/{self.dataset}/{self.method}/L{self.length}_B{self.budget}.parquet"
-
-
 def dataset_tasks(cfg: dict, name: str) -> list[str]:
     ds = cfg["datasets"][name]
     if "tasks" in ds:
@@ -584,8 +543,8 @@ def study_jobs(cfg: dict, st: dict) -> list[Job]:
         if task not in dataset_tasks(cfg, ds):
             continue
         evicts = REGISTRY[cfg["methods"][method]["type"]].evicts
-        budgets = ["full"] if not evicts else [str(b) for b in st["budgets"] if b != "full"]
-        jobs += [Job(model, task, ds, method, int(length), b) for b in budgets]
+        budgets = ["full"] if not evicts else [b for b in st["budgets"] if b != "full"]
+        jobs += [Job.from_config(cfg, model, task, ds, method, length, b) for b in budgets]
     return jobs
 
 

@@ -70,7 +70,7 @@ def job_seconds(cfg: dict, job, params: float) -> float:
     elif job.task == "translate_batch":
         per_doc = _step(params, chunk, bpp) * -(-(L // 2) // chunk) + (L // 2) * one
     elif job.task == "ppl":
-        per_doc = prefill if job.budget == "full" else L * one
+        per_doc = prefill if job.budget.is_full else L * one
     elif job.task == "latency":
         t = cfg.get("tasks", {}).get("latency", {})
         per_doc = prefill + (int(t.get("warmup", 4)) + int(t.get("n_decode", 32))) * one

@@ -255,6 +255,13 @@ def _finished_row(path: str, sample_id: int) -> dict | None:
     return None
 
 
+def run_job(job, *, model_dir: str, data: str, out: str, profile: str | None = None,
+            max_samples: int | None = None, log=None) -> str:
+    """Run one `kvbench.job.Job` (the evaluate rule: `kvbench eval --job`); rows record its hash."""
+    return run_eval(model_dir=model_dir, data=data, out=out, profile=profile, max_samples=max_samples, log=log,
+                    **job.eval_settings())
+
+
 def run_eval(*, model_dir: str, task: str, data: str, method: str, method_type: str, params: dict,
              budget, length: int, out: str, model_name: str = "model", dataset: str = "dataset",
              task_params: dict | None = None, seed: int = 0, device: str = "cpu", dtype: str = "float32",
