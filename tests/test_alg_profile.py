@@ -158,3 +158,28 @@ def test_classify_priority_and_thresholds():
     assert c(0.29, 0.3) == "induction"
     assert c(0.29, 0.29) == "local"
     assert profiling.TYPES == ("retrieval", "induction", "local")  # the priority a KV head's type follows
+
+
+def test_copy_probe_indices_and_produced_copies(tiny, monkeypatch):
+    """copy_probe scores the query at the copy of a[j] on the key a[j+1] first seen (induction target),
+    and counts a retrieval step only when the model's prediction there is the copy's next token."""
+    model, tok, _ = tiny
+
+    def record(model, ids, pos, role):  # attention: each probed query on its induction target
+        t = len(ids)
+        n = (t - 1) // 2
+        off = t - 2 * n
+        p = torch.zeros(1, t, t)
+        p[0, torch.arange(t), torch.arange(t)] = 1.0
+        for j in range(n - 1):
+            p[0, off + n + j] = 0.0
+            p[0, off + n + j, off + j + 1] = 1.0
+        pred = list(ids[1:]) + [ids[0]]  # a model that copies perfectly
+        pred[off + n] = -1  # ... except at the first copy step
+        return [p], pred
+
+    monkeypatch.setattr(profiling, "_record", record)
+    n = 10
+    ind, ret, _ = profiling.copy_probe(model, tok, random.Random(0), n)
+    assert float(ind[0, 0]) == 1.0  # every probed query sits on its induction target
+    assert float(ret[0, 0]) == pytest.approx((n - 2) / (n - 1))  # one step's copy was not produced
