@@ -6,12 +6,8 @@ import shlex
 import sys
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from kvbench.config import (
-    config_hash,
-    job_config,
-    job_table,
-    validate_config,
-)  # noqa: E402
+from kvbench.config import job_table, validate_config  # noqa: E402
+from kvbench.job import Job  # noqa: E402
 from kvbench.figspec import FIGURE_TASKS  # noqa: E402
 from kvbench.methods import REGISTRY  # noqa: E402
 
@@ -129,25 +125,18 @@ def method_type(wc):
     return config["methods"][wc.method]["type"]
 
 
-def method_params(wc):
-    """The method variant's parameters as one shell-quoted JSON word."""
-    m = config["methods"][wc.method]
-    return shlex.quote(json.dumps({k: v for k, v in m.items() if k != "type"}))
-
-
-def task_params(wc):
-    """The task's config section as one shell-quoted JSON word."""
-    return shlex.quote(json.dumps(config.get("tasks", {}).get(wc.task, {})))
-
-
 def profile_flag(wc, input):
     """`--profile FILE` when the eval job takes a head profile, else nothing."""
     return f"--profile {input.profile}" if "profile" in input.keys() else ""
 
 
-def job_hash(wc):
-    """Hash of the config sections one eval job reads (its rows' config_hash)."""
-    return config_hash(job_config(config, wc.model, wc.task, wc.dataset, wc.method))
+def job_json(wc):
+    """The eval job (kvbench.job.Job: cell, budget, its config slice) as one shell-quoted JSON word."""
+    return shlex.quote(
+        Job.from_config(
+            config, wc.model, wc.task, wc.dataset, wc.method, int(wc.length), wc.budget
+        ).to_json()
+    )
 
 
 def extrapolate_flag(wc):
