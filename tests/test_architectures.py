@@ -191,3 +191,20 @@ def test_sliding_layers_never_see_past_their_window(method):
             seen[li].append(float(p[far].abs().max()) if far.any() else None)
     assert all(x == 0 for x in seen[0] if x is not None) and any(x is not None for x in seen[0])  # sliding
     assert any(x is not None and x > 0 for x in seen[1])  # the global layer does attend far back
+
+
+@pytest.mark.parametrize("arch", ["tiny-qwen2", "tiny-llama", "tiny-llama-mha", "tiny-gpt-neox"])
+def test_head_profiling_runs_on_every_random_twin(arch, tmp_path):
+    """The paper grid profiles every model it evaluates with head-aware methods: profiling must read
+    each architecture's KV-head count (GPT-NeoX configs have no num_key_value_heads) and type
+    every (layer, KV head) once."""
+    from kvbench.engine.hf import model_geometry
+    from kvbench.models import build_model, load_model
+    from kvbench.profiling import run_profile
+
+    build_model(f"random:{arch}", str(tmp_path / "m"))
+    df = run_profile(str(tmp_path / "m"), str(tmp_path / "heads.parquet"), n_prompts=2)
+    g = model_geometry(load_model(str(tmp_path / "m"))[0])
+    kv = df.drop_duplicates(["layer", "kv_head"])
+    assert len(kv) == g["n_layers"] * g["n_kv_heads"]
+    assert set(df["kv_type"]) <= {"retrieval", "induction", "local"}

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import streams
+from .engine.hf import model_geometry
 from .io import atomic_path
 
 TYPES = ("retrieval", "induction", "local")  # priority order
@@ -156,7 +157,7 @@ def run_profile(model_dir: str, out: str, seed: int = 0, n_prompts: int = 8, log
             if named:
                 ret = torch.stack(named).mean(0)
     n_l, hq = ind.shape
-    hkv = model.config.num_key_value_heads
+    hkv = model_geometry(model)["n_kv_heads"]  # GPT-NeoX configs have no num_key_value_heads
     g = hq // hkv
     rows = []
     for li in range(n_l):
