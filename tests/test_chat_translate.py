@@ -51,3 +51,26 @@ def test_words_and_documents_end_within_their_caps(twin, method, budget):
 def test_word_cap():
     assert tasks.max_word_tokens([[1, 2], [3]]) == 16
     assert tasks.max_word_tokens([[0] * 10]) == 40
+
+
+@pytest.mark.parametrize("task", ["ppl", "latency"])
+def test_ppl_and_latency_read_translation_documents_through_the_chat_prompt(twin, task, tmp_path):
+    """A translation dataset scored for perplexity or latency is the teacher-forced wait-k stream,
+    whose chat instruction names both languages (the paper grid runs ppl on IWSLT): a hand-run eval
+    on a chat model must not lose the source language."""
+    import json
+
+    import pandas as pd
+
+    from kvbench.evaluate import run_eval
+
+    _, _, d = twin
+    data = tmp_path / "L128.jsonl"
+    doc = dict(id=0, source="the cat sat on the mat today", target="le chat est assis sur le tapis",
+               src_lang="en", tgt_lang="fr")
+    data.write_text(json.dumps(doc) + "\n")
+    out = run_eval(model_dir=d, task=task, data=str(data), method="h2o", method_type="h2o", params={},
+                   budget=16, length=128, out=str(tmp_path / "r.parquet"),
+                   task_params={"wait_k": 3, "n_decode": 2, "warmup": 1})
+    row = pd.read_parquet(out).iloc[0]
+    assert (row["n_scored_tokens"] > 0) if task == "ppl" else (row["decode_ms_median"] > 0)

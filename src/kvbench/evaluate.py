@@ -335,13 +335,17 @@ def run_eval(*, model_dir: str, task: str, data: str, method: str, method_type: 
         if no_ref:
             raise ValueError(f"{data}: task {task} needs documents with a reference target; "
                              f"document(s) {no_ref[:5]} have no target")
+    # ppl and latency read a translation document as its teacher-forced wait-k stream: the prompt
+    # names the languages then too (a chat model's instruction does)
+    paired = translation or any(str(d.get("target") or "").strip() for d in docs)
+    if paired:
         builtin = SimpleNamespace(builtin=is_builtin(model_dir))
         for pair in sorted({(d.get("src_lang"), d.get("tgt_lang")) for d in docs}, key=str):
             try:
                 Prompter.check_pair(builtin, *pair)
             except ValueError as e:
                 raise ValueError(f"{data}: {e}") from None
-    prompter = Prompter(tok, model_dir, docs[0].get("src_lang") if translation else None, docs[0].get("tgt_lang"))
+    prompter = Prompter(tok, model_dir, docs[0].get("src_lang") if paired else None, docs[0].get("tgt_lang"))
     _check_words(prompter, docs, data, translation)
     _check_positions(prompter, docs, data, task, task_params, length, max_pos)
     prof = None
