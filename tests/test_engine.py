@@ -90,7 +90,7 @@ class BudgetChecked(Session):
             if self.method.storage == "dense":
                 assert bool((s.live() <= self.budgets[i]).all()), (i, s.live(), self.budgets[i])
                 continue
-            tokens = self.method.token_budgets(i, self.budgets[i])
+            tokens = self.keep[i]
             assert bool((s.live() <= tokens).all()), (i, s.live(), tokens)
             for h, hd in enumerate(s.heads):
                 assert hd.nbytes() <= int(self.budgets[i, h]) * per_token, (i, h)

@@ -1,7 +1,9 @@
 """Bit-packed KV storage with a full-precision residual window, per-head bits and real eviction.
 
-`QuantKVStore` has KVStore's interface (append, keys_values, mask, observe, live, compact, nbytes,
-live_bytes, meta_bytes; (H, C) metadata seq/pos/role/valid/score), so any selection rule sits on it.
+`QuantKVStore` is a `store.Store` (append, keys_values, mask, observe, live, compact, nbytes,
+live_bytes, meta_bytes, tokens_within; (H, C) metadata seq/pos/role/valid/score), so any selection
+rule sits on it. The engine builds it from a method's `QuantSpec` (data: bits per head, group size,
+residual window, and which tokens go to the high-precision tier, see `SinkOutlierFlags`).
 Each KV head h owns three tiers, in this slot order (the (H, C) metadata is padded to the longest head):
 
   hi     (n_hi, D)  tokens kept at high precision (sinks, outliers): K and V quantized per token
@@ -36,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from ..quant import QTensor, packed_len, quantize, quantized_nbytes, unpack_codes
-from .store import KVStore
+from .store import Store
 
 MAX_PARTIAL = 2
 META = ("seq", "pos", "role", "valid", "flag", "score")
@@ -46,9 +48,37 @@ def _nb(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def _no_assign(self, value) -> None:
-    if value.shape[1]:  # KVStore.__init__ assigns empty tensors; anything else would bypass packing
-        raise AttributeError("QuantKVStore K/V are packed: they cannot be assigned (no RoPE re-rotation)")
+class SinkOutlierFlags:
+    """Called by QuantKVStore.append with keys (H, n, D) and seq (n,): returns (H, n) bool, True for
+    tokens to keep at high precision: the first `n_sink` of the stream, and (`detect`) outliers, a
+    token whose key norm exceeds `threshold` x the running EMA of its head's key norms (decay
+    `decay`, over ordinary tokens in stream order; the first chunk seeds it with its median). Holds
+    the EMA (H,) of one layer: store state, counted in meta_bytes."""
+
+    def __init__(self, n_sink: int, decay: float, threshold: float, detect: bool):
+        self.n_sink, self.decay, self.threshold, self.detect = n_sink, decay, threshold, detect
+        self.ema: torch.Tensor | None = None
+
+    def __call__(self, k: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        norm = k.float().norm(dim=-1)  # (H, n)
+        sink = (seq < self.n_sink)[None].expand_as(norm)
+        if not self.detect:
+            return sink.clone()
+        ordinary = ~sink
+        if self.ema is None:
+            if not bool(ordinary.any()):
+                return sink.clone()
+            self.ema = norm[:, ordinary[0]].median(dim=1).values  # seed: the first chunk's median
+        out = ordinary & (norm > self.threshold * self.ema[:, None])
+        upd = ordinary & ~out  # EMA over ordinary tokens, in stream order: closed form of the recursion
+        cnt = upd.sum(dim=1, keepdim=True)
+        rank = torch.cumsum(upd.long(), dim=1) - 1
+        w = (1 - self.decay) * self.decay ** (cnt - 1 - rank).clamp(min=0).float() * upd
+        self.ema = self.decay ** cnt[:, 0].float() * self.ema + (w * norm).sum(dim=1)
+        return sink | out
+
+    def nbytes(self) -> int:
+        return 0 if self.ema is None else self.ema.numel() * self.ema.element_size()
 
 
 class Rows:
@@ -162,8 +192,8 @@ class _Head:
         return self.hk.nbytes() + self.hv.nbytes() + self.bk.nbytes() + self.bv.nbytes() + _nb(self.rk, self.rv)
 
 
-class QuantKVStore(KVStore):
-    """KVStore's metadata, mask, observe and live; its own tiered, packed K/V storage."""
+class QuantKVStore(Store):
+    """Tiered, packed K/V storage per head (module docstring); padded (H, C) metadata."""
 
     layout = "packed_quant"
     compute = "dequantized"
@@ -172,8 +202,13 @@ class QuantKVStore(KVStore):
     def __init__(self, n_heads: int, head_dim: int, dtype, device, key_bits, value_bits, group_size: int,
                  residual: int, track_scores: bool = False, hi_bits=(16, 16), max_hi: int = 0,
                  flagger=None, scale_dtype=torch.float16):
-        super().__init__(n_heads, head_dim, dtype, device, track_scores)
-        self.dtype, self.device = dtype, device
+        super().__init__(n_heads, head_dim, dtype, device)
+        e = dict(device=device)
+        self.seq = torch.empty(n_heads, 0, dtype=torch.long, **e)  # (H, C)
+        self.pos = torch.empty(n_heads, 0, dtype=torch.long, **e)
+        self.role = torch.empty(n_heads, 0, dtype=torch.int8, **e)
+        self.valid = torch.empty(n_heads, 0, dtype=torch.bool, **e)
+        self.score = torch.empty(n_heads, 0, dtype=torch.float32, **e) if track_scores else None
         self.g, self.residual, self.max_hi, self.flagger = group_size, residual, max_hi, flagger
         self.key_bits, self.value_bits, self.hi_bits = list(key_bits), list(value_bits), tuple(hi_bits)
         self.scale_dtype = scale_dtype
@@ -269,10 +304,6 @@ class QuantKVStore(KVStore):
                 ks[h, n:], vs[h, n:] = 0, 0
         return ks, vs
 
-    # dequantized (H, C, D) views for code written against KVStore (hf.get_mask_sizes reads k.shape)
-    k = property(lambda self: self.keys_values()[0], _no_assign)
-    v = property(lambda self: self.keys_values()[1], _no_assign)
-
     # ---- eviction ------------------------------------------------------------------------
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the slots where keep (H, C) is True; frees codes, scales and residual rows."""
@@ -312,6 +343,9 @@ class QuantKVStore(KVStore):
         return [dict(hi=hd.n_hi, body=hd.n_body, res=hd.rk.shape[0],
                      groups=hd.bk.size.tolist() if isinstance(hd.bk, ChannelKeys) else [])
                 for hd in self.heads]
+
+    def tokens_within(self, allowance: list[int]) -> list[int]:
+        return [max_tokens(a, **self.cost_args(h)) for h, a in enumerate(allowance)]
 
     def cost_args(self, h: int) -> dict:
         return dict(d=self.d, dtype=self.dtype, key_bits=self.key_bits[h], value_bits=self.value_bits[h],

@@ -30,7 +30,9 @@ import torch
 from ..streams import ROLE_TARGET, PositionRule, reindexed_positions
 from ..methods.base import LayerView, Method
 from . import hf
-from .store import KVStore
+from .budget import budget_bytes, tokens_per_head
+from .qstore import QuantKVStore, SinkOutlierFlags
+from .store import KVStore, Store
 
 
 @dataclass
@@ -75,14 +77,23 @@ def layer_stats(s) -> tuple:
     return s.nbytes(), s.live_bytes(), s.meta_bytes(), sum(s.n_live) / len(s.n_live)
 
 
-def make_store(method: Method, geom: dict, dtype, device, layer: int, profile=None, bounded: bool = False):
-    """bounded: a budget applies (dense buffers then grow exactly, never with slack)."""
+def make_store(method: Method, geom: dict, dtype, device, layer: int, types: list[str] | None = None,
+               bounded: bool = False) -> Store:
+    """The store the method declares for `layer` (types: its profiled head types). bounded: a budget
+    applies (dense buffers then grow exactly, never with slack)."""
+    h, d = geom["n_kv_heads"], geom["head_dim"]
     if method.storage == "dense":
-        store = KVStore(geom["n_kv_heads"], geom["head_dim"], dtype, device, track_scores=method.needs_scores,
-                        slack=not bounded)
+        store = KVStore(h, d, dtype, device, track_scores=method.needs_scores, slack=not bounded)
         store.layout = method.layout
         return store
-    return method.make_store(geom, dtype, device, layer, profile)
+    spec = method.quant_spec(layer, h, types)
+    if d % spec.group_size:
+        raise ValueError(f"{method.type_name}: group_size {spec.group_size} does not divide head_dim {d}")
+    r = spec.hi_rule
+    flagger = SinkOutlierFlags(r.n_sink, r.decay, r.threshold, r.detect) if r is not None else None
+    return QuantKVStore(h, d, dtype, device, list(spec.key_bits), list(spec.value_bits), spec.group_size,
+                        spec.residual, track_scores=method.needs_scores, hi_bits=spec.hi_bits, max_hi=spec.max_hi,
+                        flagger=flagger)
 
 
 class Session:
@@ -95,13 +106,19 @@ class Session:
         self.device, self.dtype = p.device, p.dtype
         self.geom = hf.model_geometry(model)
         method.validate(budget)
-        self.budgets = None  # (L, H) tokens per layer and KV head
+        types = list(profile.types) if profile is not None else [None] * self.geom["n_layers"]
+        self.budgets = None  # (L, H) full-precision tokens per layer and KV head (the byte allowance)
+        self.keep = None  # (L, H) tokens each head may keep within it (its storage's conversion)
         if method.evicts and budget is not None:
             self.budgets = method.head_budgets(budget, self.geom["n_layers"], self.geom["n_kv_heads"], profile)
             self.budgets = self.budgets.to(self.device)
             self._budgets_host = self.budgets.tolist()
-        self.stores = [make_store(method, self.geom, self.dtype, self.device, i, profile, self.budgets is not None)
+        self.stores = [make_store(method, self.geom, self.dtype, self.device, i, types[i], self.budgets is not None)
                        for i in range(self.geom["n_layers"])]
+        if self.budgets is not None:
+            self.keep = torch.stack([tokens_per_head(st, b) for st, b in zip(self.stores, self.budgets)])
+        self._types = [None if t is None else {n: torch.tensor([x == n for x in t], device=self.device) for n in set(t)}
+                       for t in types]
         self.cache = hf.StoreCache(self.stores, model)
         self.seq = 0
         # re-indexed positions (StreamingLLM): declared by the method as a streams.PositionRule
@@ -209,8 +226,8 @@ class Session:
     def _evict_layer(self, i: int) -> None:
         s = self.stores[i]
         if any(n > b for n, b in zip(s.n_live, self._budgets_host[i])):  # host counts: no sync
-            view = LayerView(s.seq, s.pos, s.role, s.valid, s.score, layer=i, ordered=s.ordered)
-            s.compact(self.method.select(view, self.budgets[i]))
+            view = LayerView(s.seq, s.pos, s.role, s.valid, s.score, layer=i, ordered=s.ordered, types=self._types[i])
+            s.compact(self.method.select(view, self.keep[i]))
 
     # ---- stepwise forwards (called by hf.kvbench_attention, layer by layer) --------------------
     def step_append(self, layer: int, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -225,11 +242,7 @@ class Session:
         self._steps[len(self.stores) + layer][i] = layer_stats(self.stores[layer])
 
     def budget_bytes(self, budget: int | None) -> int | None:
-        if budget is None:
-            return None
-        g = self.geom
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return budget * g["n_layers"] * g["n_kv_heads"] * g["head_dim"] * 2 * elem
+        return budget_bytes(budget, self.geom, self.dtype)
 
     def layout(self) -> str:
         return self.stores[0].layout

@@ -21,6 +21,8 @@ Capacity (what `nbytes()` reports: the bytes allocated, spare slots and padding 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 
@@ -29,18 +31,77 @@ def grow_slack(n: int) -> int:
     return -(-n // 32)
 
 
-class KVStore:
+class Store(ABC):
+    """What the engine and the selection rules see of one layer's cache, whatever its storage.
+
+    Every store has the (H, C) metadata `seq`, `pos`, `role`, `valid` and `score` (None unless the
+    method needs scores), host-side live counts `n_live`, and implements the abstract methods; the
+    mask, observe and live count below are shared. A store never hands out its K/V except through
+    `keys_values()` (a dense store's are views, a quantized store's a dequantized transient)."""
+
     layout = "dense"
     compute = "exact"
     ordered = True  # slots of each head are in stream order (LayerView.age_rank may use cumsum)
 
-    def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 track_scores: bool = False, reserve: int = 1, slack: bool = True):
-        self.h, self.d, self.reserve = n_heads, head_dim, reserve
-        self.slack = slack  # growth slack; off under a budget (and after any eviction): exact growth
-        self._alloc(0, dtype, device, track_scores)
+    def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.h, self.d, self.dtype, self.device = n_heads, head_dim, dtype, device
         self.n_live = [0] * n_heads  # host copy of live() (avoids a device sync per check)
         self.recorded: list | None = None  # set to [] to record attention probabilities (profiling)
+
+    @abstractmethod
+    def append(self, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor,
+               role: torch.Tensor) -> None:
+        """k, v: (H, n, D); seq, pos, role: (n,) shared by all heads."""
+
+    @abstractmethod
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, C, D) keys and values as attention consumes them."""
+
+    @abstractmethod
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep the live slots where keep (H, C) is True; free the others."""
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """K/V bytes allocated (what the cache really holds)."""
+
+    @abstractmethod
+    def live_bytes(self) -> int:
+        """K/V bytes of the live entries."""
+
+    @abstractmethod
+    def meta_bytes(self) -> int:
+        """Bytes of the per-slot metadata (and any other state the store keeps)."""
+
+    @abstractmethod
+    def tokens_within(self, allowance: list[int]) -> list[int]:
+        """Per head: the most tokens it can hold in allowance[h] bytes (see engine.budget)."""
+
+    def mask(self, q_seq: torch.Tensor, q_is_target: torch.Tensor, target_role: int) -> torch.Tensor:
+        """(H, n, C) bool, True = visible: live, not later in the stream, and no target key for a
+        non-target query (Group Position Encoding)."""
+        m = self.valid[:, None, :] & (self.seq[:, None, :] <= q_seq[None, :, None])
+        key_is_tgt = (self.role == target_role)[:, None, :]
+        return m & (q_is_target[None, :, None] | ~key_is_tgt)
+
+    def observe(self, probs: torch.Tensor) -> None:
+        """probs: (H, n, C) attention summed over each KV head's query heads."""
+        if self.score is not None:
+            self.score += probs.sum(dim=1).float()
+
+    def live(self) -> torch.Tensor:
+        return self.valid.sum(dim=1)  # (H,)
+
+
+class KVStore(Store):
+    """Dense storage: one (H, cap, D) buffer per layer for keys and one for values (module docstring)."""
+
+    def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 track_scores: bool = False, reserve: int = 1, slack: bool = True):
+        super().__init__(n_heads, head_dim, dtype, device)
+        self.reserve = reserve
+        self.slack = slack  # growth slack; off under a budget (and after any eviction): exact growth
+        self._alloc(0, dtype, device, track_scores)
 
     def _alloc(self, cap: int, dtype, device, track_scores: bool) -> None:
         h, e = self.h, dict(device=device)
@@ -96,22 +157,7 @@ class KVStore:
         """(H, C, D) keys and values as attention consumes them."""
         return self.k, self.v
 
-    def mask(self, q_seq: torch.Tensor, q_is_target: torch.Tensor, target_role: int) -> torch.Tensor:
-        """(H, n, C) bool, True = visible: live, not later in the stream, and no target key for a
-        non-target query (Group Position Encoding)."""
-        m = self.valid[:, None, :] & (self.seq[:, None, :] <= q_seq[None, :, None])
-        key_is_tgt = (self.role == target_role)[:, None, :]
-        return m & (q_is_target[None, :, None] | ~key_is_tgt)
-
-    def observe(self, probs: torch.Tensor) -> None:
-        """probs: (H, n, C) attention summed over each KV head's query heads."""
-        if self.score is not None:
-            self.score += probs.sum(dim=1).float()
-
     # ---- eviction ------------------------------------------------------------------------
-    def live(self) -> torch.Tensor:
-        return self.valid.sum(dim=1)  # (H,)
-
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the slots where keep (H, C) is True, in their current order, in a new buffer of
         (largest head's count + reserve) slots; the old buffer (and the evicted slots) is freed."""
@@ -157,3 +203,7 @@ class KVStore:
 
     def meta_bytes(self) -> int:
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self._buffers()[2:])
+
+    def tokens_within(self, allowance: list[int]) -> list[int]:
+        per_token = 2 * self.d * self._k.element_size()
+        return [a // per_token for a in allowance]

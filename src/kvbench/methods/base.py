@@ -7,10 +7,13 @@ those (never the method's name):
 - `needs_profile`: the eval job needs `results/heads/{model}.parquet` (head-aware methods).
 - `evicts`: False only for the full cache.
 - `cache_positions`: keys are re-rotated to their rank within the cache after eviction (StreamingLLM).
-- `storage`: "dense" or "quant" (bit-packed storage, see kvbench.quant).
+- `storage`: "dense" or "quant" (bit-packed storage, see kvbench.quant). A "quant" method says what
+  it wants stored as data, `quant_spec(layer, n_heads, types) -> QuantSpec`; the engine builds the store from
+  it and converts the budget into tokens per head (kvbench.engine.budget). A method never imports
+  the engine and keeps no state of a session: what it needs at selection time comes in the view.
 
 The one method-specific hook is `select(view, budgets)`: given one layer's live entries, return
-which to keep, at most budgets[h] per KV head h.
+which to keep, at most budgets[h] per KV head h (tokens, after the engine's byte conversion).
 """
 
 from __future__ import annotations
@@ -23,6 +26,33 @@ from typing import ClassVar
 import torch
 
 REGISTRY: dict[str, type["Method"]] = {}
+
+
+@dataclass(frozen=True)
+class HiRule:
+    """Which tokens a quantized store keeps at high precision: the first `n_sink` of the stream and,
+    with `detect`, key-norm outliers (norm > threshold x the running EMA of norms, decay `decay`)."""
+
+    n_sink: int
+    decay: float
+    threshold: float
+    detect: bool
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The storage a quantized method asks for in one layer (data only; kvbench.engine.qstore):
+    bits per KV head for keys and values (16 = unquantized), group size G, a full-precision window of
+    the last `residual` tokens, and a high-precision tier of at most `max_hi` tokens per head chosen
+    by `hi_rule`, stored at `hi_bits` (keys, values)."""
+
+    key_bits: tuple[int, ...]
+    value_bits: tuple[int, ...]
+    group_size: int
+    residual: int
+    hi_bits: tuple[int, int] = (16, 16)
+    max_hi: int = 0
+    hi_rule: HiRule | None = None
 
 
 def register(cls):
@@ -54,6 +84,10 @@ class Method:
     def select(self, view: "LayerView", budgets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def quant_spec(self, layer: int, n_heads: int, types: list[str] | None) -> QuantSpec | None:
+        """The storage of `layer` (storage "quant" only): n_heads KV heads, their profiled types."""
+        return None
+
     def params(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -64,7 +98,8 @@ class Method:
 @dataclass
 class LayerView:
     """What a selection rule sees of one layer: (H, C) tensors, live entries where valid.
-    `ordered`: the store keeps each head's slots in stream order (then ranks are a cumsum)."""
+    `ordered`: the store keeps each head's slots in stream order (then ranks are a cumsum).
+    `types`: the layer's profiled head types as (H,) bool masks by type name (None: no profile)."""
 
     seq: torch.Tensor
     pos: torch.Tensor
@@ -73,6 +108,14 @@ class LayerView:
     score: torch.Tensor | None
     layer: int = -1
     ordered: bool = False
+    types: dict[str, torch.Tensor] | None = None
+
+    def is_type(self, name: str) -> torch.Tensor:
+        """(H, 1) bool: the heads profiled as `name`."""
+        if self.types is None:
+            raise ValueError(f"layer {self.layer}: no head profile, cannot tell {name!r} heads")
+        m = self.types.get(name)
+        return (m if m is not None else self.valid.new_zeros(self.valid.shape[0]))[:, None]
 
     def age_rank(self) -> torch.Tensor:
         """(H, C): 0 for the oldest live entry of each head, counting up; invalid slots get C."""

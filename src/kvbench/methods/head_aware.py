@@ -71,7 +71,6 @@ class HeadAware(Method):
     def head_budgets(self, budget, n_layers, n_heads, profile=None):
         if profile is None:
             raise ValueError(f"{self.type_name} needs a head profile")
-        self._local = torch.tensor([[t == "local" for t in layer] for layer in profile.types])  # (L, H)
         w = self.shares()
         rows = [split_budget(budget * n_heads, [w[t] for t in profile.types[li]], self.n_sink + 1)
                 for li in range(n_layers)]
@@ -80,7 +79,7 @@ class HeadAware(Method):
     def select(self, view: LayerView, budgets):
         if self.local_rule == "h2o":
             return H2O(recent_ratio=self.recent_ratio).select(view, budgets)
-        local = self._local[view.layer].to(budgets.device)[:, None]  # (H, 1)
+        local = view.is_type("local")  # (H, 1)
         window = StreamingLLM(n_sink=self.n_sink).select(view, budgets)
         heavy = H2O(recent_ratio=self.recent_ratio).select(view, budgets)
         return torch.where(local, window, heavy)

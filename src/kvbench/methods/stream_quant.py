@@ -26,40 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .base import register
+from .base import HiRule, register
 from .haq_kv import QuantMethod, check_bits
-
-
-class SinkOutlierFlags:
-    """Called by QuantKVStore.append with keys (H, n, D) and seq (n,): returns (H, n) bool, True for
-    tokens to keep at high precision. Holds the running key-norm EMA (H,) of one layer."""
-
-    def __init__(self, n_sink: int, decay: float, threshold: float, detect: bool):
-        self.n_sink, self.decay, self.threshold, self.detect = n_sink, decay, threshold, detect
-        self.ema: torch.Tensor | None = None
-
-    def __call__(self, k: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
-        norm = k.float().norm(dim=-1)  # (H, n)
-        sink = (seq < self.n_sink)[None].expand_as(norm)
-        if not self.detect:
-            return sink.clone()
-        ordinary = ~sink
-        if self.ema is None:
-            if not bool(ordinary.any()):
-                return sink.clone()
-            self.ema = norm[:, ordinary[0]].median(dim=1).values  # seed: the first chunk's median
-        out = ordinary & (norm > self.threshold * self.ema[:, None])
-        upd = ordinary & ~out  # EMA over ordinary tokens, in stream order: closed form of the recursion
-        cnt = upd.sum(dim=1, keepdim=True)
-        rank = torch.cumsum(upd.long(), dim=1) - 1
-        w = (1 - self.decay) * self.decay ** (cnt - 1 - rank).clamp(min=0).float() * upd
-        self.ema = self.decay ** cnt[:, 0].float() * self.ema + (w * norm).sum(dim=1)
-        return sink | out
-
-    def nbytes(self) -> int:
-        return 0 if self.ema is None else self.ema.numel() * self.ema.element_size()
 
 
 @register
@@ -100,9 +68,10 @@ class StreamQuant(QuantMethod):
                              f"{self.attention_sink_size} and {self.max_outliers}")
         super().validate(budget)
 
-    def store_spec(self, layer, n_heads, profile):
-        flags = SinkOutlierFlags(self.attention_sink_size, self.ema_decay, self.outlier_threshold_relative,
-                                 self.detect_outliers)
-        return dict(key_bits=[self.key_bits_normal] * n_heads, value_bits=[self.value_bits_normal] * n_heads,
-                    hi_bits=(self.key_bits_sink_outlier, self.value_bits_sink_outlier), flagger=flags,
-                    max_hi=self.attention_sink_size + (self.max_outliers if self.detect_outliers else 0))
+    def quant_spec(self, layer, n_heads, types):
+        """Every head alike (types unused): normal bits, and the hi tier's rule (engine.qstore.SinkOutlierFlags)."""
+        n = n_heads
+        rule = HiRule(self.attention_sink_size, self.ema_decay, self.outlier_threshold_relative, self.detect_outliers)
+        return self.spec([self.key_bits_normal] * n, [self.value_bits_normal] * n,
+                         hi_bits=(self.key_bits_sink_outlier, self.value_bits_sink_outlier), hi_rule=rule,
+                         max_hi=self.attention_sink_size + (self.max_outliers if self.detect_outliers else 0))
