@@ -15,7 +15,6 @@ import csv
 import json
 import os
 import platform
-import sys
 import time
 from types import SimpleNamespace
 
@@ -23,9 +22,6 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 CACHE = os.path.join(BENCH, ".cache")
 RESULTS = os.path.join(BENCH, "results")
-# Measure this checkout's code, whatever the editable install points at (a CI clone can repoint it).
-if os.path.join(REPO, "src") not in sys.path:
-    sys.path.insert(0, os.path.join(REPO, "src"))
 TYPES = ("retrieval", "induction", "local")
 
 
@@ -82,9 +78,9 @@ def machine() -> str:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    import torch
-
     import subprocess
+
+    import torch
 
     import kvbench
 

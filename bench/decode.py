@@ -19,10 +19,10 @@ every session alike, and each ratio is the median of per-round ratios (with its 
 Methods with `needs_profile` get a mixed head profile. On CUDA (`--device cuda`), every step is
 bracketed by torch.cuda.synchronize.
 
-    nice -n 19 python bench/decode.py                           # defaults: contexts 1k, 2k, 4k, B=512 (< 10 min)
-    python bench/decode.py --long                               # contexts 1k, 2k, 4k, 16k (GPU or patience)
-    python bench/decode.py --contexts 256 --budgets 128 --repeats 5 --profile none   # a quick check
-    python bench/decode.py --device cuda --dtype bfloat16
+    nice -n 19 python -m bench.decode                           # defaults: contexts 1k, 2k, 4k, B=512 (< 10 min)
+    python -m bench.decode --long                               # contexts 1k, 2k, 4k, 16k (GPU or patience)
+    python -m bench.decode --contexts 256 --budgets 128 --repeats 5 --profile none   # a quick check
+    python -m bench.decode --device cuda --dtype bfloat16
 
 If a method misses the goal, `--profile missed` (the default) runs a few more decode steps of it and
 of its full-cache baseline under cProfile and torch.profiler and prints where the time goes, per step,
@@ -44,8 +44,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import RESULTS, cached_model, machine, mixed_profile, print_table, write_csv  # noqa: E402
+from bench._util import RESULTS, cached_model, machine, mixed_profile, print_table, write_csv
+from kvbench.engine.timing import sync, timed_step
 
 GOAL = 1.10
 NOISY = 0.3  # median (p90 - p10) / median of the sessions' step times above which figures are not trusted
@@ -94,18 +94,9 @@ class Timed:
         return f"{self.method}@B{self.budget}/L{self.context}" if self.budget else f"full@L{self.context}"
 
     def step(self, device, role: int) -> float:
-        t = int(self.logits[-1].argmax())
-        sync(device)
-        t0 = time.perf_counter()
-        self.logits = self.sess.feed([t], [self.pos], [role])
-        sync(device)
+        self.logits, ms = timed_step(self.sess, int(self.logits[-1].argmax()), self.pos, role)
         self.pos += 1
-        return (time.perf_counter() - t0) * 1e3
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        return ms
 
 
 def fork(sess):
@@ -223,9 +214,9 @@ def run_profiles(targets: list[tuple[Timed, Timed]], device, role: int, steps: i
 def main(argv=None) -> int:
     a = parse_args(argv)
     from kvbench.engine import hf
-    from kvbench.streams import ROLE_SOURCE
     from kvbench.methods import REGISTRY
     from kvbench.models import load_model, resolve_device
+    from kvbench.streams import ROLE_SOURCE
 
     if a.threads:
         torch.set_num_threads(a.threads)

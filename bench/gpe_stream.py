@@ -14,9 +14,9 @@ words written / reference words, documents ended by EOS before 90% of the refere
 With --offsets, document 0 at each budget also records, at every WRITE, the offset from the target
 query to the latest cached source key (query position - key position) as attention reads it.
 
-    nice -n 19 python bench/gpe_stream.py --model /work/train/tiny --lengths 2048 --docs 6
-    python bench/gpe_stream.py --model DIR --lengths 4096,8192 --docs 4 --out bench/results/gpe_long.jsonl
-    python bench/gpe_stream.py --model DIR --summary-only --out bench/results/gpe_stream.jsonl
+    nice -n 19 python -m bench.gpe_stream --model /work/train/tiny --lengths 2048 --docs 6
+    python -m bench.gpe_stream --model DIR --lengths 4096,8192 --docs 4 --out bench/results/gpe_long.jsonl
+    python -m bench.gpe_stream --model DIR --summary-only --out bench/results/gpe_stream.jsonl
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import RESULTS, machine, print_table  # noqa: E402
+from bench._util import RESULTS, machine, print_table
 
 METHODS = {
     "full": ("full", {}),

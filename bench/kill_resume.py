@@ -1,7 +1,7 @@
 """Kill/resume trials of the whole DAG: SIGKILL Snakemake at a random time, unlock, rerun, compare.
 
-    nice -n 19 python bench/kill_resume.py                    # 20 trials on tests/data/trial.yaml
-    python bench/kill_resume.py --trials 5 --seed 1 --keep    # keep the trial folders to look at
+    nice -n 19 python -m bench.kill_resume                    # 20 trials on tests/data/trial.yaml
+    python -m bench.kill_resume --trials 5 --seed 1 --keep    # keep the trial folders to look at
 
 One uninterrupted reference run, then N trials, each in an empty folder: start Snakemake in its own
 process group, SIGKILL the group at a seeded random time in (0, 0.95 x reference duration), run
@@ -280,8 +280,7 @@ def main(argv=None) -> int:
     base = a.workdir or tempfile.mkdtemp(prefix="kvbench-kill-resume-")
     os.makedirs(base, exist_ok=True)
     config = os.path.abspath(a.config)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _util import machine
+    from bench._util import machine
 
     t_start = time.monotonic()
     print(machine(), flush=True)

@@ -27,9 +27,9 @@ with random weights, built once into bench/.cache/models/; documents are synthet
 streams (instruction / source / target roles, wait-5, Group Position Encoding), as in the `ppl` task.
 `--model random:qwen2.5-0.5b` (or any HF folder) feeds random token ids instead.
 
-    nice -n 19 python bench/memory.py                       # defaults: < 10 min on 2 cores
-    python bench/memory.py --lengths 256 --budgets 32       # a quick check
-    python bench/memory.py --help
+    nice -n 19 python -m bench.memory                       # defaults: < 10 min on 2 cores
+    python -m bench.memory --lengths 256 --budgets 32       # a quick check
+    python -m bench.memory --help
 
 Writes bench/results/memory.csv (one row per method x budget x length) and prints the table.
 """
@@ -43,8 +43,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import RESULTS, builtin_random, cached_model, machine, mixed_profile, print_table, write_csv  # noqa: E402
+from bench._util import RESULTS, builtin_random, cached_model, machine, mixed_profile, print_table, write_csv
+from kvbench.engine.budget import budget_bytes, token_bytes
 
 GOAL = (0.98, 1.05)
 
@@ -71,8 +71,8 @@ def ints(s: str) -> list[int]:
 
 def document(model_dir, tok, length: int, seed: int, vocab: int):
     """(ids, pos, role) of one document stream of about `length` tokens."""
-    from kvbench.streams import ROLE_SOURCE
     from kvbench.prompt import Prompter, is_builtin
+    from kvbench.streams import ROLE_SOURCE
 
     if is_builtin(model_dir):
         from kvbench import synth
@@ -85,10 +85,6 @@ def document(model_dir, tok, length: int, seed: int, vocab: int):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (length,), generator=g)
     return ids, torch.arange(length), torch.full((length,), ROLE_SOURCE, dtype=torch.long)
-
-
-def kv_bytes(tokens: int, geom: dict, elem: int) -> int:
-    return tokens * geom["n_layers"] * geom["n_kv_heads"] * geom["head_dim"] * 2 * elem
 
 
 def measure(model, model_dir, tok, mtype: str, budget, length: int, a, profile) -> dict:
@@ -104,25 +100,25 @@ def measure(model, model_dir, tok, mtype: str, budget, length: int, a, profile) 
     s = Session(model, method, budget, a.chunk_size, profile if method.needs_profile else None)
     s.feed(ids, pos, role)
     row["seconds"] = time.perf_counter() - t0
-    g, elem = s.geom, next(model.parameters()).element_size()
+    g, dt = s.geom, next(model.parameters()).dtype
     mem = s.memory.row()
     alloc = s.memory.after_step_bytes[-1]  # from the tensors, after the last step (steady state)
     live = sum(st.live_bytes() for st in s.stores) if all(hasattr(st, "live_bytes") for st in s.stores) else None
     retained = sum(int(st.live().sum()) for st in s.stores)  # over layers and heads
     # spare slots: capacity beyond the slots in use (the reserve for the next decode token, or the
     # growth slack of a cache that never evicted); counted in `bytes` (allocated), shown apart here
-    slot = g["n_kv_heads"] * g["head_dim"] * 2 * elem
+    slot = g["n_kv_heads"] * token_bytes(g["head_dim"], dt)
     spare = sum((st.capacity - st.c) * slot for st in s.stores if hasattr(st, "capacity") and st.capacity)
     row.update(layout=s.layout(), bytes=alloc, live_bytes=live, bytes_peak=mem["cache_bytes_peak"],
                meta_bytes_peak=mem["metadata_bytes_peak"],
                retained_per_head=retained / (g["n_layers"] * g["n_kv_heads"]))
     if method.storage == "dense":
         held = min(n, budget) if budget else n
-        theory = kv_bytes(held, g, elem)
+        theory = budget_bytes(held, g, dt)
         row.update(theory=theory, ratio=(live if live is not None else alloc) / theory, alloc=alloc / theory,
                    pad=(alloc - live - spare) / theory if live is not None else None, spare=spare / theory,
                    max_step=max(s.memory.after_step_bytes) / theory,
-                   peak=mem["cache_bytes_peak"] / kv_bytes(min(n, (budget or n) + a.chunk_size), g, elem),
+                   peak=mem["cache_bytes_peak"] / budget_bytes(min(n, (budget or n) + a.chunk_size), g, dt),
                    meta=mem["metadata_bytes_peak"] / max(mem["cache_bytes_peak"], 1))
         ok = GOAL[0] <= row["ratio"] <= GOAL[1]
         if s.layout() == "dense":  # no padding: every step's allocation is held to the budget too
@@ -130,13 +126,14 @@ def measure(model, model_dir, tok, mtype: str, budget, length: int, a, profile) 
         row["goal"] = "ok" if ok else "MISS"
     else:  # quantized or other packed storage: relative to the full cache at the same length
         per_value = retained * g["head_dim"] * 2  # K and V values held, over layers and heads
-        row.update(vs_fp16_full=alloc / kv_bytes(n, g, 2), vs_fp32_full=alloc / kv_bytes(n, g, 4),
+        row.update(vs_fp16_full=alloc / budget_bytes(n, g, torch.float16),
+                   vs_fp32_full=alloc / budget_bytes(n, g, torch.float32),
                    vs_fp16_held=alloc / max(per_value * 2, 1), bits_per_value=alloc * 8 / max(per_value, 1),
                    meta=mem["metadata_bytes_peak"] / max(mem["cache_bytes_peak"], 1), goal="n/a")
         if budget:  # the budget is bytes: more tokens may be held, never more bytes (scales included)
-            theory = kv_bytes(min(n, budget), g, elem)
+            theory = budget_bytes(min(n, budget), g, dt)
             row.update(theory=theory, alloc=alloc / theory, max_step=max(s.memory.after_step_bytes) / theory,
-                       peak=mem["cache_bytes_peak"] / kv_bytes(min(n, budget + a.chunk_size), g, elem))
+                       peak=mem["cache_bytes_peak"] / budget_bytes(min(n, budget + a.chunk_size), g, dt))
             row["goal"] = "ok" if row["max_step"] <= GOAL[1] else "MISS"
     return row
 

@@ -18,9 +18,9 @@ Two measurements, both in one run:
    hooked) at its intended position (its rank): relative error ||k - ref|| / ||ref||, median and max,
    next to the error of one bf16 rotation (the floor).
 
-    nice -n 19 python bench/positions.py                      # builtin shape (random weights), B = 64, 256
-    python bench/positions.py --model random:qwen2.5-0.5b --budgets 512 --repeats 20
-    python bench/positions.py --skip-accuracy
+    nice -n 19 python -m bench.positions                      # builtin shape (random weights), B = 64, 256
+    python -m bench.positions --model random:qwen2.5-0.5b --budgets 512 --repeats 20
+    python -m bench.positions --skip-accuracy
 
 Writes bench/results/positions.csv.
 """
@@ -36,8 +36,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import RESULTS, builtin_random, cached_model, machine, print_table, write_csv  # noqa: E402
+from bench._util import RESULTS, builtin_random, cached_model, machine, print_table, write_csv
 
 
 def parse_args(argv=None):
@@ -59,8 +58,8 @@ def parse_args(argv=None):
 def legacy_session_class():
     from kvbench.engine import hf
     from kvbench.engine.session import Session
-    from kvbench.streams import ROLE_TARGET
     from kvbench.methods.base import LayerView
+    from kvbench.streams import ROLE_TARGET
 
     class LegacySession(Session):
         """The engine before the fix (`cache` positions only): keys rotated at their cache rank,
@@ -189,8 +188,8 @@ def accuracy(model_dir: str, a) -> list[dict]:
     """Relative key error after a.evictions one-token steps in bf16, old vs new."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from kvbench.streams import ROLE_SOURCE
     from kvbench.models import load_model
+    from kvbench.streams import ROLE_SOURCE
 
     model = load_model(model_dir, "cpu", "bfloat16")[0]
     b, n_sink = a.acc_budget, 4

@@ -6,8 +6,8 @@ eval job runs it (Session(model, method, budget, chunk_size, profile)); head-pro
 mixed head profile (timing does not depend on which heads are which). Prints seconds per cell and
 the total; compare two checkouts by pointing PYTHONPATH at each:
 
-    nice -n 19 python bench/ppl_cost.py --model /work/train/tiny
-    PYTHONPATH=/tmp/old/src python bench/ppl_cost.py --model /work/train/tiny --out bench/results/ppl_cost_old.csv
+    nice -n 19 python -m bench.ppl_cost --model /work/train/tiny
+    PYTHONPATH=/tmp/old/src python -m bench.ppl_cost --model /work/train/tiny --out bench/results/ppl_cost_old.csv
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import time
 
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import REPO, RESULTS, machine, mixed_profile, print_table, write_csv  # noqa: E402
+from bench._util import REPO, RESULTS, machine, mixed_profile, print_table, write_csv
 
 
 def main(argv=None) -> int:
