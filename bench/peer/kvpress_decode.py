@@ -40,7 +40,7 @@ from importlib.metadata import version
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import RESULTS, REPO, Timed, fork, header, machine_info, prefill_chain, rows_of, run_rounds, save, show  # noqa: E402
+from _timing import REPO, RESULTS, Timed, fork, header, machine_info, prefill_chain, rows_of, run_rounds, save, show
 
 DEFAULT_MODEL = os.path.join(REPO, "bench", ".cache", "models", "qwen2.5-0.5b")
 

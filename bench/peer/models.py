@@ -22,7 +22,7 @@ BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(BENCH), "src"))  # this checkout's kvbench first
 sys.path.insert(0, os.path.dirname(BENCH))
 
-from bench._util import CACHE, cached_model  # noqa: E402
+from bench._util import CACHE, cached_model
 
 SMALL = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=2, vocab_size=32000, max_position_embeddings=32768,
