@@ -24,18 +24,16 @@ import platform
 import random
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from bench._util import print_table, write_csv
+
 PEER = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(PEER))
-sys.path.insert(0, REPO)
-
-from bench._util import print_table, write_csv
 
 RESULTS = os.path.join(REPO, "bench", "results")
 NOISY = 0.3  # as decode.py: median (p90 - p10) / median of step times above which figures are not trusted

@@ -4,9 +4,9 @@ Runs in the peer venv (kvpress pins transformers < 5.3; `bash bench/peer/make_ve
 on the model folders kvbench's bench uses (`PYTHONPATH=src python -m bench.peer.models` in the main
 venv builds them):
 
-    bench/.cache/peer-venv/bin/python bench/peer/kvpress_decode.py                        # qwen2.5-0.5b
-    bench/.cache/peer-venv/bin/python bench/peer/kvpress_decode.py --model bench/.cache/models/qwen2-h512-random
-    bench/.cache/peer-venv/bin/python bench/peer/kvpress_decode.py --contexts 1024 --repeats 5 --threads 1  # quick
+    PYTHONPATH=src bench/.cache/peer-venv/bin/python -m bench.peer.kvpress_decode                        # qwen2.5-0.5b
+    PYTHONPATH=src bench/.cache/peer-venv/bin/python -m bench.peer.kvpress_decode --model bench/.cache/models/qwen2-h512-random
+    PYTHONPATH=src bench/.cache/peer-venv/bin/python -m bench.peer.kvpress_decode --contexts 1024 --repeats 5 --threads 1  # quick
 
 One prefill of L random token ids (seeded) in chunks of 512 with a plain DynamicCache, forked
 (deep copy) at every context: DecodingPress does nothing during the prefill, so the full cache at L
@@ -39,8 +39,19 @@ from importlib.metadata import version
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import REPO, RESULTS, Timed, fork, header, machine_info, prefill_chain, rows_of, run_rounds, save, show
+from bench.peer._timing import (
+    REPO,
+    RESULTS,
+    Timed,
+    fork,
+    header,
+    machine_info,
+    prefill_chain,
+    rows_of,
+    run_rounds,
+    save,
+    show,
+)
 
 DEFAULT_MODEL = os.path.join(REPO, "bench", ".cache", "models", "qwen2.5-0.5b")
 

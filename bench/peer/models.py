@@ -16,11 +16,6 @@ Both are float32 safetensors folders that transformers 5.2 (the peer venv) loads
 from __future__ import annotations
 
 import os
-import sys
-
-BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(BENCH), "src"))  # this checkout's kvbench first
-sys.path.insert(0, os.path.dirname(BENCH))
 
 from bench._util import CACHE, cached_model
 

@@ -9,6 +9,7 @@
 # Logs and CSVs go to bench/results/ (git-ignored): peer_*.log, peer_*.csv, decode_streaming_*.csv.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+# modules run from the repo root (bench is a package); the peer venv has no kvbench: src/ on the path
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 bash bench/peer/make_venv.sh
 python -m bench.peer.models
@@ -24,8 +25,8 @@ if [ -n "${QUICK:-}" ]; then
 fi
 for m in qwen2.5-0.5b qwen2-h512-random; do
   dir=bench/.cache/models/$m
-  "$PEER" bench/peer/kvpress_decode.py --model "$dir" "${ARGS[@]}" 2>&1 | tee "$OUT/peer_kvpress_$m.log"
-  python bench/peer/sliding_window.py --model "$dir" "${ARGS[@]}" 2>&1 | tee "$OUT/peer_hf_sliding_$m.log"
+  "$PEER" -m bench.peer.kvpress_decode --model "$dir" "${ARGS[@]}" 2>&1 | tee "$OUT/peer_kvpress_$m.log"
+  python -m bench.peer.sliding_window --model "$dir" "${ARGS[@]}" 2>&1 | tee "$OUT/peer_hf_sliding_$m.log"
   for th in ${THREADS//,/ }; do  # kvbench's own streaming_llm, same weights, same protocol
     python -m bench.decode --model "$dir" "${DEC[@]}" --threads "$th" --out "$OUT/decode_streaming_${m}_t$th.csv" \
       2>&1 | tee "$OUT/decode_streaming_${m}_t$th.log"

@@ -4,9 +4,9 @@ The peer for kvbench's window-only eviction: transformers 5.23's `DynamicSliding
 `DynamicCache(config=...)` builds for every `sliding_attention` layer). Run from the repo root in
 kvbench's venv, on the model folders of `python -m bench.peer.models`:
 
-    PYTHONPATH=src python bench/peer/sliding_window.py                          # qwen2.5-0.5b
-    PYTHONPATH=src python bench/peer/sliding_window.py --model bench/.cache/models/qwen2-h512-random
-    PYTHONPATH=src python bench/peer/sliding_window.py --contexts 1024 --repeats 5 --threads 1   # quick
+    PYTHONPATH=src python -m bench.peer.sliding_window                          # qwen2.5-0.5b
+    PYTHONPATH=src python -m bench.peer.sliding_window --model bench/.cache/models/qwen2-h512-random
+    PYTHONPATH=src python -m bench.peer.sliding_window --contexts 1024 --repeats 5 --threads 1   # quick
 
 The same weights are loaded twice: as saved (every layer `full_attention`, a plain DynamicCache) and
 with `use_sliding_window=True, sliding_window=K + 1, layer_types=["sliding_attention"] * n_layers` (so
@@ -32,8 +32,19 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import REPO, RESULTS, Timed, fork, header, machine_info, prefill_chain, rows_of, run_rounds, save, show
+from bench.peer._timing import (
+    REPO,
+    RESULTS,
+    Timed,
+    fork,
+    header,
+    machine_info,
+    prefill_chain,
+    rows_of,
+    run_rounds,
+    save,
+    show,
+)
 
 DEFAULT_MODEL = os.path.join(REPO, "bench", ".cache", "models", "qwen2.5-0.5b")
 
