@@ -31,13 +31,11 @@ import pyarrow.parquet as pq
 from kvbench import figures
 from kvbench.figspec import FIGURE_TASKS  # which tasks each figure reads (its rule asks for exactly those)
 from kvbench.io import atomic_path, atomic_write_text
-from kvbench.metrics import corpus_scores, perplexity
-from kvbench.stats import MIN_TEST_SAMPLES, paired_tests, perplexity_ci, translation_ci
+from kvbench.stats import MIN_TEST_SAMPLES
+from kvbench import tasks
 from kvbench.schema import ARROW_SCHEMA, COLUMNS, SchemaError, check_version, missing_ok
 
 KEYS = ["model", "task", "dataset", "method", "length", "budget"]
-TRANSLATION = ("translate_stream", "translate_batch")
-TASK_ORDER = {"translate_stream": 0, "translate_batch": 1, "ppl": 2, "latency": 3}
 QUALITY = ("bleu", "chrf", "perplexity")  # blanked in .tex when quality_meaningful is False
 # (cell column, .tex header, "max"/"min" = which value is best and bold, None = never bold)
 TEX_METRICS = [
@@ -93,27 +91,19 @@ def _check_duplicates(table: pa.Table, origin: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- cells
-def _texts(s: pd.Series) -> list[str]:
-    return ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in s]
-
-
 def _one(s: pd.Series):
     vals = sorted({str(v) for v in s.dropna()})
     return "+".join(vals) if vals else None
 
 
+def _task(name: str):
+    """The registered task of a cell (its scores), or the base task (no scores) for an unknown name."""
+    return tasks.REGISTRY[name]() if name in tasks.REGISTRY else tasks.Task()
+
+
 def _cell(g: pd.DataFrame) -> dict:
-    task = g["task"].iloc[0]
     row: dict = {"n_samples": len(g)}
-    if task in TRANSLATION:
-        g = g.sort_values("sample_id")
-        row.update(corpus_scores(_texts(g["hypothesis"]), _texts(g["reference"])))
-        # SimulEval skips samples with an empty hypothesis (AL NaN): the mean leaves them out, counted here
-        row.update(al=g["al"].mean(), laal=g["laal"].mean(), lagging_skipped=int((g["hyp_words"] == 0).sum()))
-    elif task == "ppl" and g["n_scored_tokens"].sum() > 0:
-        row["perplexity"] = perplexity(float(g["nll_sum"].sum()), int(g["n_scored_tokens"].sum()))
-    elif task == "latency":
-        row.update(decode_ms_median=g["decode_ms_median"].median(), decode_ms_p90=g["decode_ms_p90"].median())
+    row.update(_task(g["task"].iloc[0]).cell(g))
     bb = g["budget_bytes"].dropna()
     row.update(
         cache_bytes_peak=g["cache_bytes_peak"].mean(), cache_bytes_mean=g["cache_bytes_mean"].mean(),
@@ -126,34 +116,6 @@ def _cell(g: pd.DataFrame) -> dict:
         quality_meaningful=bool((g["quality_meaningful"] != False).all()),  # noqa: E712
     )
     return row
-
-
-def _cell_ci(g: pd.DataFrame, n_resamples: int, seed: int) -> dict:
-    """Bootstrap 95% CIs of the cell's scores (sacreBLEU's for BLEU/chrF; over documents for PPL)."""
-    task = g["task"].iloc[0]
-    if n_resamples < 1:
-        return {}
-    if task in TRANSLATION:
-        g = g.sort_values("sample_id")
-        return translation_ci(_texts(g["hypothesis"]), _texts(g["reference"]), n_resamples, seed)
-    if task == "ppl" and g["n_scored_tokens"].sum() > 0:
-        return perplexity_ci(g["nll_sum"].astype(float), g["n_scored_tokens"].astype(float), n_resamples, seed)
-    return {}
-
-
-def _versus_full(g: pd.DataFrame, full: pd.DataFrame, n_resamples: int, seed: int) -> dict:
-    """Method vs `full` on shared sample ids: sacreBLEU's paired bootstrap and approximate randomization."""
-    m = g.merge(full[["sample_id", "hypothesis", "reference"]], on="sample_id", suffixes=("", "_full"))
-    same = m["reference"].fillna("") == m["reference_full"].fillna("")
-    if not same.all():  # a paired test needs the same segments on both sides
-        warnings.warn(f"{g['method'].iloc[0]} vs full ({g['task'].iloc[0]}, length {g['length'].iloc[0]}): "
-                      f"{(~same).sum()} samples have different references and are left out of the paired tests")
-        m = m[same]
-    if m.empty:
-        return {}
-    m = m.sort_values("sample_id")
-    return paired_tests(_texts(m["hypothesis_full"]), _texts(m["hypothesis"]), _texts(m["reference"]),
-                        n_resamples=n_resamples, seed=seed)
 
 
 def _derived(full: dict, row: dict) -> dict:
@@ -177,11 +139,12 @@ def cell_table(df: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.D
         row = dict(zip(KEYS, key)) | _cell(g)
         model, task, dataset, method, length, _ = key
         full = groups.get((model, task, dataset, "full", length, "full"))
-        row |= _cell_ci(g, n_resamples, seed)
+        if n_resamples > 0:
+            row |= _task(task).cell_ci(g, n_resamples, seed)
         if full is not None and method != "full":
             row |= _derived(_cell(full), row)
-        if n_resamples > 0 and task in TRANSLATION and method != "full" and full is not None:
-            row |= _versus_full(g, full, n_resamples, seed)
+            if n_resamples > 0:
+                row |= _task(task).versus_full(g, full, n_resamples, seed)
         rows.append(row)
     cols = KEYS + ["n_samples", "bleu", "chrf", "al", "laal", "lagging_skipped", "perplexity", "decode_ms_median",
                    "decode_ms_p90", "cache_bytes_peak", "cache_bytes_mean", "retained_tokens_mean",
@@ -197,7 +160,7 @@ def sort_cells(cells: pd.DataFrame, methods: list[str] = ()) -> pd.DataFrame:
     """Task order, model, dataset, length, budget (full first), method (full, then config order)."""
     order = {m: i for i, m in enumerate(methods)}
     keys = cells.assign(
-        _t=cells["task"].map(lambda t: TASK_ORDER.get(t, 9)),
+        _t=cells["task"].map(lambda t: tasks.REGISTRY[t].order if t in tasks.REGISTRY else 1000),
         _b=cells["budget"].map(lambda b: -1 if b == "full" else int(b)),
         _m=cells["method"].map(lambda m: (m != "full", order.get(m, len(order)), m)),
     )

@@ -32,7 +32,6 @@ from .job import INT_MAX, Budget, Job, config_hash, job_config  # noqa: F401 - r
 
 SCHEMA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "workflow", "schemas", "config.schema.yaml")
-TRANSLATION = ("translate_stream", "translate_batch")
 
 
 class ConfigError(ValueError):
@@ -45,11 +44,6 @@ NAME_MAX = 64
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 SECTIONS = ("models", "datasets", "methods", "studies")  # their names are path components
 
-# task parameter -> minimum (integers), and the parameters each task reads
-TASK_PARAMS = {"wait_k": 1, "target_offset": 0, "n_decode": 1, "warmup": 0}
-TASK_DEFAULTS = {"wait_k": 5, "target_offset": 0, "n_decode": 32, "warmup": 4}
-TASK_USES = {"translate_stream": ("wait_k", "target_offset"), "translate_batch": ("target_offset",),
-             "ppl": ("wait_k", "target_offset"), "latency": ("wait_k", "target_offset", "n_decode", "warmup")}
 # fields a method type accepts (inherited) but ignores; a method class may declare `ignored_fields`
 # itself (methods/head_aware.py's Uniform should: until then it is listed here)
 IGNORED_FIELDS = {"uniform": ("share_retrieval", "share_induction", "share_local")}
@@ -329,11 +323,14 @@ def merge_configs(base: dict, overlay: dict) -> dict:
 
 
 def _warn_task_params(cfg: dict) -> None:
+    from . import tasks
+
     for task, params in (cfg.get("tasks") or {}).items():
-        unused = [k for k in params or {} if k not in TASK_USES.get(task, ())]
+        reads = tasks.base.fields(task)
+        unused = [k for k in params or {} if k not in reads]
         if unused:
             warn(f"config key 'tasks/{task}': {task} does not use {', '.join(unused)} (it reads "
-                 f"{', '.join(TASK_USES[task])})")
+                 f"{', '.join(reads)})")
 
 
 def _check_semantics(cfg: dict) -> None:
@@ -363,13 +360,16 @@ def _check_semantics(cfg: dict) -> None:
     n_prompts = (cfg.get("profiling") or {}).get("n_prompts", 8)
     if n_prompts > MAX_PROMPTS:
         raise ConfigError(f"config key 'profiling/n_prompts': {n_prompts} probe prompts is more than {MAX_PROMPTS}")
+    from . import tasks
+
     for task, params in (cfg.get("tasks") or {}).items():
+        t = tasks.from_params(task, params)
+        steps = t.extra_positions()
         for model, g in geoms.items():
             mp = (g or {}).get("max_positions")
-            steps = params.get("warmup", 0) + params.get("n_decode", 0) if task == "latency" else 0
             if mp and steps >= mp:
-                raise ConfigError(f"config key 'tasks/{task}': warmup + n_decode ({steps}) decode steps run past the "
-                                  f"maximum positions of model {model!r} ({mp})")
+                raise ConfigError(f"config key 'tasks/{task}': {' + '.join(t.extra_positions_from)} ({steps}) decode "
+                                  f"steps run past the maximum positions of model {model!r} ({mp})")
     for sname, st in cfg["studies"].items():
         for key in ("tasks", "models", "datasets", "methods", "lengths", "budgets"):
             twice = sorted({str(x) for x in st.get(key) or [] if (st.get(key) or []).count(x) > 1})
@@ -524,12 +524,19 @@ def load_config(path: str, *overlays: str) -> dict:
     return validate_config(cfg)
 
 
+def dataset_kind(ds: dict) -> str:
+    """`parallel` (translation pairs: synthetic, or hf with a target language) or `text`."""
+    return "parallel" if ds.get("tgt_lang") or ds.get("source", "synthetic") == "synthetic" else "text"
+
+
 def dataset_tasks(cfg: dict, name: str) -> list[str]:
+    """The dataset's `tasks`, else every registered task that runs on its kind (table order)."""
+    from .tasks.base import defaults_for_kind
+
     ds = cfg["datasets"][name]
     if "tasks" in ds:
         return ds["tasks"]
-    return ["translate_stream", "translate_batch", "ppl", "latency"] if ds.get("tgt_lang") or \
-        ds.get("source", "synthetic") == "synthetic" else ["ppl", "latency"]
+    return defaults_for_kind(dataset_kind(ds))
 
 
 def study_jobs(cfg: dict, st: dict) -> list[Job]:
