@@ -63,6 +63,9 @@ def merge_configs(base: dict, overlay: dict) -> dict:
 
 
 def _fill_defaults(node, schema, root):
+    """Schema defaults into the config, following properties, additionalProperties and $ref only: a
+    method's field defaults sit under allOf/then and are never filled (its job hash holds only the
+    keys the config writes), and a task parameter's only where the schema gives it a default."""
     if "$ref" in schema:
         schema = root["$defs"][schema["$ref"].split("/")[-1]]
     if not isinstance(node, dict) or schema.get("type") != "object":
@@ -109,9 +112,25 @@ def _check_names(cfg: dict) -> None:
                      f"on case-insensitive file systems (macOS, Windows)")
 
 
-def validate_config(cfg) -> dict:
-    with open(SCHEMA) as f:
+def load_schema() -> dict:
+    """The schema file with its generated `$defs` made from the registries as they are now (a method
+    or task added since the file was regenerated validates too; tests keep the file equal)."""
+    from ..schemagen import defs
+
+    with open(SCHEMA, encoding="utf-8") as f:
         schema = yaml.safe_load(f)
+    schema["$defs"] = defs()
+    return schema
+
+
+def _message(e) -> str:
+    """jsonschema's message; an unknown key also lists the keys allowed there."""
+    allowed = e.schema.get("properties") if e.validator == "additionalProperties" else None
+    return f"{e.message}; allowed: {', '.join(sorted(allowed))}" if isinstance(allowed, dict) else e.message
+
+
+def validate_config(cfg) -> dict:
+    schema = load_schema()
     if not isinstance(cfg, dict):
         raise ConfigError(f"config must be a mapping, got {type(cfg).__name__}")
     _check_values(cfg)
@@ -120,7 +139,7 @@ def validate_config(cfg) -> dict:
     if errors:
         e = errors[0]
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise ConfigError(f"config key {where!r}: {e.message}")
+        raise ConfigError(f"config key {where!r}: {_message(e)}")
     warn_task_params(cfg)  # on the keys the user wrote, before defaults fill every task's section
     _fill_defaults(cfg, schema, schema)
     _apply_scale(cfg)
