@@ -62,12 +62,17 @@ def check_task_params(task_params: dict, task: str | None = None) -> None:
     """Known keys (a parameter of any task), integers within range; with `task`, a warning for a
     parameter it does not read (unless it is the default value: the workflow passes every task's
     whole section)."""
+    from .config.method_checks import _type_ok
+
     known = tasks.base.parameters()
     for k, v in task_params.items():
         if k not in known:
             raise ValueError(f"unknown task parameter {k!r}; known: {sorted(known)}")
         lo = known[k].metadata.get("minimum")
-        if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo) or v > INT_MAX:
+        if known[k].type not in (int, "int"):  # a task's own kind of parameter: its annotation
+            if not _type_ok(v, known[k].type) or (lo is not None and v < lo):
+                raise ValueError(f"task parameter {k} must be {known[k].type} >= {lo}, got {v!r}")
+        elif not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo) or v > INT_MAX:
             raise ValueError(f"task parameter {k} must be an integer >= {lo} (at most {INT_MAX}), got {v!r}")
         reads = tasks.base.fields(task) if task in tasks.REGISTRY else None
         if reads is not None and k not in reads and v != known[k].default:
