@@ -34,8 +34,7 @@ class Figure:
     def draw(self, data, out_dir: str) -> list[str]:
         from ._draw import theme
 
-        os.makedirs(out_dir, exist_ok=True)
-        with theme():
+        with theme():  # nothing is created before the figure is saved (a bad input leaves no folder)
             return self.plot(data, out_dir)
 
 
@@ -58,5 +57,6 @@ for _m in pkgutil.iter_modules(__path__):
 
 def write_all(cells, heads_files: list[str], out_dir: str, model_dirs: list[str] | None = None) -> list[str]:
     """Every figure of cells and heads (and of models when `model_dirs` is given); the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
     data = {"cells": cells, "heads": list(heads_files), "models": model_dirs}
     return [p for f in REGISTRY.values() if data[f.reads] is not None for p in f.draw(data[f.reads], out_dir)]
