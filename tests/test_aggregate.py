@@ -20,6 +20,7 @@ import pytest
 
 from kvbench import aggregate as agg
 from kvbench import figures, schema
+from kvbench.figures import _draw
 
 WORDS = ("the cat sat on mat while a dog ran across green field under bright sky and birds sang "
          "loudly near old river bank where children played with small boats").split()
@@ -195,7 +196,8 @@ def test_figures_written(run):
 
 
 def test_missing_data_figure_still_written(tmp_path):
-    paths = figures.plot_latency(pd.DataFrame(columns=["task", "method", "decode_ms_median"]), str(tmp_path))
+    paths = figures.REGISTRY["latency"].draw(pd.DataFrame(columns=["task", "method", "decode_ms_median"]),
+                                             str(tmp_path))
     assert sorted(os.path.basename(p) for p in paths) == ["latency.csv", "latency.pdf", "latency.png"]
     assert os.path.getsize(tmp_path / "latency.png") > 5000
     assert pd.read_csv(tmp_path / "latency.csv").empty
@@ -307,18 +309,18 @@ def test_figures_keep_one_colour_per_method_and_show_equal_series(tmp_path):
     named in the legend and dodged apart; BLEU is drawn on its whole scale."""
     import matplotlib.pyplot as plt
 
-    figures.set_methods(["full", "a", "b", "c"])
+    _draw.set_methods(["full", "a", "b", "c"])
     try:
         one = pd.DataFrame({"method": ["full", "c"]})
         three = pd.DataFrame({"method": ["full", "a", "b", "c"]})
-        assert figures._palette(one)["c"] == figures._palette(three)["c"]
+        assert _draw.palette(one)["c"] == _draw.palette(three)["c"]
         cells = pd.DataFrame([dict(task="translate_stream", model="m", dataset="d", method=m, budget=b, length=n,
                                    bleu=v, quality_meaningful=True)
                               for m, b, v in (("full", "full", 99.0), ("a", "64", 80.0), ("b", "64", 80.0),
                                               ("c", "64", 80.01))
                               for n in (512, 1024)])
         seen = {}
-        real_save = figures._save
+        real_save = _draw.save
 
         def keep(fig, data, out_dir, name):
             seen["fig"] = fig
@@ -327,17 +329,17 @@ def test_figures_keep_one_colour_per_method_and_show_equal_series(tmp_path):
             seen["x"] = {tuple(line.get_xdata()) for line in fig.axes[0].get_lines()}
             return real_save(fig, data, out_dir, name)
 
-        figures._save = keep
+        _draw.save = keep
         try:
-            figures.plot_bleu(cells, str(tmp_path))
+            figures.REGISTRY["bleu"].draw(cells, str(tmp_path))
         finally:
-            figures._save = real_save
+            _draw.save = real_save
         assert "b (same as a)" in seen["labels"] and "c" in seen["labels"]
         assert seen["ylim"][0] <= 0 and seen["ylim"][1] >= 100
         assert len(seen["x"]) == 4  # four series, four distinct x positions: none hidden under another
         plt.close("all")
     finally:
-        figures.set_methods([])
+        _draw.set_methods([])
 
 
 def test_derived_metrics_against_full(run):

@@ -229,6 +229,23 @@ def cmd_validate(a) -> None:
     print(format_estimates(study_estimates(cfg)))
 
 
+def _task_help() -> str:
+    from .tasks import ordered
+
+    items = [f"{c.name} ({c.summary})" for c in ordered()]
+    return ", ".join(items[:-1]) + " or " + items[-1] if len(items) > 1 else items[0]
+
+
+def _task_param_help() -> str:
+    from .tasks.base import parameters, readers
+
+    items = []
+    for k, f in parameters().items():
+        lo = f.metadata["minimum"]
+        items.append(f"{k} ({f.metadata['help']}{'' if lo is None else f', >= {lo}'}; {'/'.join(readers(k))})")
+    return "task parameter: " + ", ".join(items)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="kvbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -272,18 +289,14 @@ def main(argv=None) -> None:
     s.add_argument("--max-samples", type=_int(1, key="max_samples"), default=None, help="only the first N documents (default: all)")
     f = s.add_argument_group("the job, field by field (a hand run; the workflow passes --job instead)")
     f.add_argument("--model-name", help="model name recorded in each row (default: model)")
-    f.add_argument("--task", metavar="TASK",
-                   help="translate_stream (wait-k simultaneous translation), translate_batch (whole source first: "
-                        "the upper bound), ppl (perplexity through the cache) or latency (per-token decode time)")
+    f.add_argument("--task", metavar="TASK", help=_task_help())
     f.add_argument("--dataset", help="dataset name recorded in each row (default: dataset)")
     f.add_argument("--method", help="variant name recorded in each row (a path component, e.g. sink4)")
     f.add_argument("--type", help="registered method type, see `kvbench methods` (default: the variant name)")
     f.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="method parameter, the value as JSON (repeatable; wins over --params-json, with a warning)")
     f.add_argument("--params-json", metavar="JSON", help="method parameters as one JSON object")
-    f.add_argument("--task-param", action="append", metavar="KEY=VALUE",
-                   help="task parameter: wait_k (source words read before writing, >= 1), target_offset (first "
-                        "target position, >= 0), n_decode and warmup (latency: timed and untimed decode steps)")
+    f.add_argument("--task-param", action="append", metavar="KEY=VALUE", help=_task_param_help())
     f.add_argument("--task-params-json", metavar="JSON", help="task parameters as one JSON object")
     f.add_argument("--budget",
                    help="KV budget in tokens per (layer, KV head), a positive integer; 'full' (the default) keeps "

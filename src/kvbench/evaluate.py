@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import __version__, schema, tasks
-from .config import INT_MAX, TASK_DEFAULTS, TASK_PARAMS, TASK_USES, check_int, check_name, parse_budget, warn
+from .config import INT_MAX, check_int, check_name, parse_budget, warn
 from .data import read_docs
 from .engine.session import Session
 from .io import OutputError, check_out_file, sha256_file
@@ -59,16 +59,24 @@ _SIDECAR_FILE = __import__("re").compile(r"(job\.json|sample_\d+\.parquet|\.tmp-
 
 
 def check_task_params(task_params: dict, task: str | None = None) -> None:
-    """Known keys, integers within range; with `task`, a warning for a parameter it does not read
-    (unless it is the default value: the workflow passes every task's whole section)."""
+    """Known keys (a parameter of any task), integers within range; with `task`, a warning for a
+    parameter it does not read (unless it is the default value: the workflow passes every task's
+    whole section)."""
+    from .config.method_checks import _type_ok
+
+    known = tasks.base.parameters()
     for k, v in task_params.items():
-        if k not in TASK_PARAMS:
-            raise ValueError(f"unknown task parameter {k!r}; known: {sorted(TASK_PARAMS)}")
-        if not isinstance(v, int) or isinstance(v, bool) or v < TASK_PARAMS[k] or v > INT_MAX:
-            raise ValueError(f"task parameter {k} must be an integer >= {TASK_PARAMS[k]} (at most {INT_MAX}), "
-                             f"got {v!r}")
-        if task in TASK_USES and k not in TASK_USES[task] and v != TASK_DEFAULTS[k]:
-            warn(f"task parameter {k}={v} is ignored: {task} reads only {', '.join(TASK_USES[task])}")
+        if k not in known:
+            raise ValueError(f"unknown task parameter {k!r}; known: {sorted(known)}")
+        lo = known[k].metadata.get("minimum")
+        if known[k].type not in (int, "int"):  # a task's own kind of parameter: its annotation
+            if not _type_ok(v, known[k].type) or (lo is not None and v < lo):
+                raise ValueError(f"task parameter {k} must be {known[k].type} >= {lo}, got {v!r}")
+        elif not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo) or v > INT_MAX:
+            raise ValueError(f"task parameter {k} must be an integer >= {lo} (at most {INT_MAX}), got {v!r}")
+        reads = tasks.base.fields(task) if task in tasks.REGISTRY else None
+        if reads is not None and k not in reads and v != known[k].default:
+            warn(f"task parameter {k}={v} is ignored: {task} reads only {', '.join(reads)}")
 
 
 def is_result_file(path: str) -> bool:
@@ -148,33 +156,11 @@ def _check_positions(prompter, docs: list[dict], path: str, task: str, task_para
     """Count each document's tokens as the task feeds them: a document far longer than --length is an
     error (its rows would be labelled with the wrong length), and so is any position a sample needs
     at or past the model's maximum (RoPE models would run on silently, out of their trained range)."""
-    import math
-
-    from . import streams
-
-    k = int(task_params.get("wait_k", TASK_DEFAULTS["wait_k"]))
-    off = int(task_params.get("target_offset", TASK_DEFAULTS["target_offset"]))
+    t = tasks.from_params(task, task_params)
     slack = 0 if prompter.single_token_words else max(32, length // 8)  # other tokenizers: counted per word
     for d in docs:
         where = f"{path}: document {d['id']}"
-        target = d.get("target") or ""
-        if task.startswith("translate"):
-            instr, start = prompter.instruction(), prompter.target_start()
-            src = sum(len(w) for w in prompter.words(d["source"]))
-            n_src_words = len(d["source"].split())
-            ref = sum(len(w) for w in prompter.words(target)) if target else 0
-            tokens = len(instr) + src + len(start) + ref
-            # target tokens: at most the decoding cap of tasks.translate for one-token words; other
-            # tokenizers at least the reference (_PositionGuard checks each decoded token)
-            cap = math.ceil(1.5 * n_src_words) + 5 if prompter.single_token_words else 0
-            need = max(len(instr) + src, off + len(start) + max(cap, ref))
-        else:
-            s, _ = tasks.document_stream(prompter, d, min(k, streams.WAIT_INF), off)
-            tokens = len(s.ids)
-            need = max(s.pos) + 1
-            if task == "latency":
-                need += int(task_params.get("warmup", TASK_DEFAULTS["warmup"])) + \
-                    int(task_params.get("n_decode", TASK_DEFAULTS["n_decode"]))
+        tokens, need = t.positions(prompter, d)
         if tokens > length + slack:
             raise ValueError(f"{where} has {tokens} tokens, far more than --length {length}: its rows would be "
                              f"labelled with the wrong length (build the data at this length)")
@@ -275,8 +261,7 @@ def run_eval(*, model_dir: str, task: str, data: str, method: str, method_type: 
 
     task_params = task_params or {}
     # ---- checks before any work --------------------------------------------------------------
-    if task not in tasks.TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {list(tasks.TASKS)}")
+    task_cls = tasks.get(task)  # ValueError naming the registered tasks
     for value, what in ((model_name, "--model-name"), (dataset, "--dataset"), (method, "--method")):
         check_name(value, what)
     check_int(length, "--length", 1)
@@ -321,7 +306,7 @@ def run_eval(*, model_dir: str, task: str, data: str, method: str, method_type: 
         raise ValueError(f"--data {data!r} is a folder, not a JSONL dataset file")
     docs = read_docs(data)[:max_samples]
     _check_docs(docs, data, length)
-    translation = task.startswith("translate")
+    translation = task_cls.translation
     if not os.path.isdir(model_dir):
         raise ValueError(f"--model {model_dir!r} is not a folder")
     try:

@@ -1,13 +1,8 @@
-"""Which raw results each figure reads. Kept free of heavy imports: the Snakefile reads it to plan
-one figure's jobs, and a no-op `snakemake -n` should not pay for pandas or matplotlib."""
+"""Which raw results each figure reads, from the figure registry (kvbench.figures). Kept free of heavy
+imports: the Snakefile reads it to plan one figure's jobs, and a no-op `snakemake -n` should not pay
+for pandas or matplotlib (the figure modules import them only when they draw)."""
 
-FIGURE_TASKS = {
-    "bleu": ("translate_stream", "translate_batch"),
-    "ppl": ("ppl",),
-    "latency": ("latency",),
-    "pareto": ("translate_stream",),
-    "lagging": ("translate_stream",),
-    "memory": ("translate_stream", "translate_batch", "ppl", "latency"),
-    "heads": (),  # reads the head profiles
-    "training": (),  # reads the builtin models' training logs
-}
+from kvbench.figures import REGISTRY
+
+FIGURE_TASKS = {name: f.tasks for name, f in REGISTRY.items()}  # tasks whose raw results a figure plots
+FIGURE_READS = {name: f.reads for name, f in REGISTRY.items()}  # cells | heads | models

@@ -21,7 +21,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "model": pa.string(),  # model name in the config (path component)
     "model_source": pa.string(),  # builtin:/path:/hub:/random: source string
     "revision": pa.string(),  # hub revision or content hash of the local folder
-    "task": pa.string(),  # translate_stream | translate_batch | ppl | latency
+    "task": pa.string(),  # a registered task (kvbench.tasks): translate_stream, translate_batch, ppl, latency
     "dataset": pa.string(),  # dataset name in the config (path component)
     "method": pa.string(),  # variant name in the config (path component), e.g. "sink4"
     "method_type": pa.string(),  # registered type, e.g. "streaming_llm"

@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from kvbench.config import job_table, validate_config  # noqa: E402
 from kvbench.job import Job  # noqa: E402
-from kvbench.figspec import FIGURE_TASKS  # noqa: E402
+from kvbench.figspec import FIGURE_READS, FIGURE_TASKS  # noqa: E402
 from kvbench.methods import REGISTRY  # noqa: E402
 
 # Snakemake's YAML loading keeps the last of two equal keys silently: re-read the files strictly first
@@ -39,13 +39,13 @@ TRAINED_MODELS = sorted(
         if config["models"][j.model]["source"].startswith("builtin:")
     }
 )
-# only the figures this config has data for (a figure of nothing would be an empty picture)
+# only the figures this config has data for (a figure of nothing would be an empty picture): raw
+# results of a task it plots, head profiles or trained models, whichever it reads
+FIGURE_DATA = {"heads": bool(PROFILED_MODELS), "models": bool(TRAINED_MODELS)}
 FIGURES = [
     f
     for f, tasks in FIGURE_TASKS.items()
-    if any(j.task in tasks for j in JOBS)
-    or (f == "heads" and PROFILED_MODELS)
-    or (f == "training" and TRAINED_MODELS)
+    if any(j.task in tasks for j in JOBS) or FIGURE_DATA.get(FIGURE_READS[f], False)
 ]
 
 
@@ -83,15 +83,15 @@ def figure_inputs(wc):
 
 
 def figure_heads(wc):
-    """Head profiles of every profiled model, for the heads figure only."""
-    if wc.name != "heads":
+    """Head profiles of every profiled model, for a figure that reads them."""
+    if FIGURE_READS[wc.name] != "heads":
         return []
     return expand("results/heads/{model}.parquet", model=PROFILED_MODELS)
 
 
 def figure_models(wc):
-    """Folders of the models trained here (their loss curves), for the training figure only."""
-    if wc.name != "training":
+    """Folders of the models trained here (their loss curves), for a figure that reads them."""
+    if FIGURE_READS[wc.name] != "models":
         return []
     return expand("resources/models/{model}", model=TRAINED_MODELS)
 
