@@ -36,12 +36,6 @@ class WaitK(Task):
     wait_k: int = param(5, minimum=1, filled=True, help="source words read before writing")
 
 
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def max_word_tokens(src: list[list[int]]) -> int:
     """Tokens one written word may take (multi-token tokenizers): 4x the source's longest word, at

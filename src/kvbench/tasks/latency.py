@@ -3,11 +3,10 @@ steps, then `n_decode` timed ones (CUDA synchronized around each); rows hold the
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from .base import param, register
-from .common import DocumentTask, document_stream, sync
+from .common import DocumentTask, document_stream
 
 
 @register
@@ -25,18 +24,11 @@ class Latency(DocumentTask):
     def run(self, session, prompter, doc: dict) -> dict:
         import torch
 
+        from ..engine.timing import decode_times  # the decode-step timing recipe bench/decode.py uses too
+
         s, _ = document_stream(prompter, doc, self.wait_k, self.target_offset)
         logits = session.feed(s.ids, s.pos, s.role)
-        pos, role = s.pos[-1] + 1, s.role[-1]
-        times = []
-        for i in range(self.warmup + self.n_decode):
-            t = int(logits[-1].argmax())
-            sync(session.device)
-            t0 = time.perf_counter()
-            logits = session.feed([t], [pos + i], [role])
-            sync(session.device)
-            if i >= self.warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
+        times = decode_times(session, logits, s.pos[-1] + 1, s.role[-1], self.n_decode, self.warmup)
         tt = torch.tensor(times)
         return dict(decode_ms_median=float(tt.median()), decode_ms_p90=float(torch.quantile(tt, 0.9)))
 
