@@ -9,8 +9,8 @@ bytes of DESIGN.md's budget semantics:
     full:              length x layers x kv_heads x head_dim x 2 x bytes/elem
 
 Goal: `ratio` (live bytes / theory, after the last step) within [0.98, 1.05] for eviction methods
-and for full. Layouts with per-head budgets (`padded_per_head`) allocate every head of a layer to
-the largest head's count: that padding is its own column (`pad`). Dense buffers also hold spare
+and for full. Per-head budgets (`grouped_per_head`: heads grouped by budget, a buffer per group)
+allocate each head its own count; any padding would show in its own column (`pad`). Dense buffers also hold spare
 slots (`spare`): one slot per (layer, head) kept for the next decode token by an evicting cache, or
 the growth slack (<= 1/32) of a cache that never evicted. `alloc` = ratio + pad + spare is what the
 tensors occupy, and for the dense layout every step's allocation (`max_step`) is held to 1.05 too. `peak` is the in-chunk peak against (B + chunk) tokens (the README's bound);
@@ -105,10 +105,10 @@ def measure(model, model_dir, tok, mtype: str, budget, length: int, a, profile) 
     alloc = s.memory.after_step_bytes[-1]  # from the tensors, after the last step (steady state)
     live = sum(st.live_bytes() for st in s.stores) if all(hasattr(st, "live_bytes") for st in s.stores) else None
     retained = sum(int(st.live().sum()) for st in s.stores)  # over layers and heads
-    # spare slots: capacity beyond the slots in use (the reserve for the next decode token, or the
-    # growth slack of a cache that never evicted); counted in `bytes` (allocated), shown apart here
-    slot = g["n_kv_heads"] * token_bytes(g["head_dim"], dt)
-    spare = sum((st.capacity - st.c) * slot for st in s.stores if hasattr(st, "capacity") and st.capacity)
+    # spare slots: allocated slots holding no live entry (the one freed for the token being written,
+    # or the growth slack of a cache that never evicted); counted in `bytes` (allocated), shown apart here
+    spare = sum((p.capacity * p.h - sum(p.n_live)) * token_bytes(g["head_dim"], dt)
+                for st in s.stores for _, p in st.parts() if hasattr(p, "capacity"))
     row.update(layout=s.layout(), bytes=alloc, live_bytes=live, bytes_peak=mem["cache_bytes_peak"],
                meta_bytes_peak=mem["metadata_bytes_peak"],
                retained_per_head=retained / (g["n_layers"] * g["n_kv_heads"]))
@@ -121,7 +121,7 @@ def measure(model, model_dir, tok, mtype: str, budget, length: int, a, profile) 
                    peak=mem["cache_bytes_peak"] / budget_bytes(min(n, (budget or n) + a.chunk_size), g, dt),
                    meta=mem["metadata_bytes_peak"] / max(mem["cache_bytes_peak"], 1))
         ok = GOAL[0] <= row["ratio"] <= GOAL[1]
-        if s.layout() == "dense":  # no padding: every step's allocation is held to the budget too
+        if s.layout() in ("dense", "grouped_per_head"):  # no padding: every step's allocation is held to the budget too
             ok = ok and row["max_step"] <= GOAL[1]
         row["goal"] = "ok" if ok else "MISS"
     else:  # quantized or other packed storage: relative to the full cache at the same length

@@ -186,7 +186,7 @@ def test_sliding_layers_never_see_past_their_window(method):
         for t, p in zip(calls, s.recorded):  # p (Hq, n, C)
             kpos = t["kseq"]  # (Hkv, C): the stream's positions are 0, 1, ...: the original position is seq
             n, g = p.shape[1], p.shape[0] // kpos.shape[0]
-            dist = (kpos[:, -n:, None] - kpos[:, None, :]).repeat_interleave(g, 0)  # (Hq, n, C)
+            dist = (t["qseq"][None, :, None] - kpos[:, None, :]).repeat_interleave(g, 0)  # (Hq, n, C)
             far = (dist >= WINDOW) & t["kvalid"].repeat_interleave(g, 0)[:, None, :]
             seen[li].append(float(p[far].abs().max()) if far.any() else None)
     assert all(x == 0 for x in seen[0] if x is not None) and any(x is not None for x in seen[0])  # sliding

@@ -141,18 +141,21 @@ def test_matrix_tight_budget_runs_and_respects_budget(tiny, docs, mixed_profile,
         assert all(b <= full_bytes for b in sess.memory.after_step_bytes)
         assert sess.memory.retained_peak > budget
         return
-    # dense: after every step, once full, each layer holds its largest head budget + the one spare slot an
-    # evicting store keeps for the next decode token (per-head budgets pad to the largest head); evicted
-    # slots are freed. With uniform budgets that is the budget bytes (fp32 here) plus one slot.
+    # dense: after every step, once full, each head holds its own budget + the one spare slot an
+    # evicting store keeps for the token being written (per-head budgets: heads grouped by budget, no
+    # padding to the largest head). With uniform budgets that is the budget bytes (fp32 here) plus one slot.
     slot = full_bytes // budget // n_layers // n_heads  # one token of one head
-    alloc = sum(n_heads * (int(b.max()) + 1) for b in sess.budgets) * slot
+    alloc = sum(int((b + 1).sum()) for b in sess.budgets) * slot
     steady = [b for b in sess.memory.after_step_bytes if b >= full_bytes]
     assert steady and all(b <= alloc for b in steady)
     assert sess.memory.after_step_bytes[-1] == alloc
     if method.layout == "dense":
         assert alloc == full_bytes + full_bytes // budget
     for s, b in zip(sess.stores, sess.budgets):
-        assert s.capacity == int(b.max()) + s.reserve and s.nbytes() == s.capacity * n_heads * 2 * 64 * 4
+        for heads, p in s.parts():
+            bb = b if heads is None else b[heads]
+            assert p.capacity == int(bb.max()) + p.reserve
+        assert s.nbytes() == int((b + 1).sum()) * 2 * 64 * 4
     assert sess.memory.bytes_peak <= alloc * (budget + 8) / budget
 
 

@@ -151,19 +151,23 @@ class PositionRule:
 
 
 def reindexed_positions(rule: PositionRule, pos: torch.Tensor, seq: torch.Tensor, role: torch.Tensor,
-                        valid: torch.Tensor, first: dict, max_lead: int) -> torch.Tensor:
+                        valid: torch.Tensor, first: dict, max_lead: int, ordered: bool = True) -> torch.Tensor:
     """Positions (H, C) long of the cached entries of one layer under `rule`.
 
-    pos, seq, role, valid: (H, C) slot metadata (original position, stream index, role, live), slots
-    of each head in stream order. `first[(g, sink)]`: for group g (True = target), the original
+    pos, seq, role, valid: (H, C) slot metadata (original position, stream index, role, live); slots
+    of each head in stream order when `ordered`, else ranked by seq. `first[(g, sink)]`: for group g (True = target), the original
     position of the group's first token (`("all", g)`) and of its first non-sink token
     (`("nonsink", g)`), as seen by the session. Padding slots get their original position."""
     is_t = role == ROLE_TARGET
     out = pos.clone()
     if rule.mode == "cache":
+        by_age = None if ordered else torch.argsort(seq, dim=1, stable=True)
         for g in (False, True):
             m = valid & (is_t == g)
-            rank = torch.cumsum(m, dim=1) - 1
+            if by_age is None:
+                rank = torch.cumsum(m, dim=1) - 1
+            else:  # cumsum in stream order, scattered back to the slots
+                rank = torch.empty_like(seq).scatter_(1, by_age, torch.cumsum(m.gather(1, by_age), dim=1) - 1)
             out = torch.where(m, first.get(("all", g), 0) + rank, out)
         return out
     sink = seq < rule.n_sink

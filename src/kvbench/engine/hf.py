@@ -61,14 +61,17 @@ class StoreLayer(CacheLayerMixin):
             return key_states, value_states  # (1, H, n, D): the new tokens only
         seq, pos, role = self.owner.pending
         self.store.append(key_states[0], value_states[0], seq, pos, role)  # (H, n, D)
-        k, v = self.store.keys_values()
+        parts = self.store.parts()
+        if len(parts) > 1:  # heads in groups: attention reads them part by part (kvbench_attention)
+            return key_states, value_states
+        k, v = parts[0][1].keys_values()
         return k[None], v[None]  # (1, H, C, D)
 
     def get_seq_length(self) -> int:
-        return int(self.store.seq.max()) + 1 if self.store.seq.numel() else 0
+        return max((int(p.seq.max()) + 1 if p.seq.numel() else 0 for _, p in self.store.parts()), default=0)
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        return self.store.seq.shape[1] + query_length, 0
+        return max(p.seq.shape[1] for _, p in self.store.parts()) + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -113,7 +116,9 @@ class StoreCache(Cache):
             return t[3], t[4]  # same entries as the previous layer at this step: same positions
         p = self.positioner(store)
         self.max_position = max(self.max_position, int(p[store.valid].max()))
-        t = self._tables[step, layer_type] = (store.seq, store.valid, p, *rope_tables(self.model, p, layer_type))
+        # snapshots of seq and valid: a store evicting in place changes its own tensors later on
+        t = self._tables[step, layer_type] = (store.seq.clone(), store.valid.clone(), p,
+                                              *rope_tables(self.model, p, layer_type))
         self._last_positions = p
         return t[3], t[4]
 
@@ -133,27 +138,45 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     seq, _, role = cache.pending
     scaling = module.scaling if scaling is None else scaling
     if cache.stepwise is None:
-        return _attend(module, query, key, value, store, cache, seq, role, scaling), None
+        if len(store.parts()) == 1:  # key, value: the store's, from StoreLayer.update
+            return _attend(module, query, key, value, store, cache, seq, role, scaling), None
+        return _attend_parts(module, query, store, cache, seq, role, scaling), None
     outs = []
     for i in range(query.shape[2]):
         cache.stepwise.step_append(li, i, key[0][:, i:i + 1], value[0][:, i:i + 1])
-        k, v = store.keys_values()
-        outs.append(_attend(module, query[:, :, i:i + 1], k[None], v[None], store, cache, seq[i:i + 1],
-                            role[i:i + 1], scaling, step=i))
+        outs.append(_attend_parts(module, query[:, :, i:i + 1], store, cache, seq[i:i + 1], role[i:i + 1],
+                                  scaling, step=i))
         cache.stepwise.step_evict(li, i)
     return torch.cat(outs, dim=1), None  # (1, n, Hq, D)
 
 
+def _attend_parts(module, query, store, cache, seq, role, scaling, step: int = 0):
+    """query (1, Hq, n, D) against every part of a layer's store (one, or one per head group) ->
+    (1, n, Hq, D); a part's KV heads are served by their own query heads."""
+    parts = store.parts()
+    if len(parts) == 1:
+        k, v = parts[0][1].keys_values()
+        return _attend(module, query, k[None], v[None], parts[0][1], cache, seq, role, scaling, step)
+    g = query.shape[1] // store.h
+    out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+    for heads, part in parts:
+        qh = (heads[:, None] * g + torch.arange(g, device=heads.device)).reshape(-1)  # query heads of these KV heads
+        k, v = part.keys_values()
+        out[:, :, qh] = _attend(module, query[:, qh], k[None], v[None], part, cache, seq, role, scaling, step)
+    return out
+
+
 def _attend(module, query, key, value, store, cache, seq, role, scaling, step: int = 0):
-    """query (1, Hq, n, D), key/value (1, Hkv, C, D) of `store` (the new tokens are its last n slots)
-    -> (1, n, Hq, D)."""
+    """query (1, Hq, n, D), key/value (1, Hkv, C, D) of `store` (the new tokens are in its slots
+    `store.new_slots` (Hkv, n)) -> (1, n, Hq, D)."""
     hq, hkv = query.shape[1], key.shape[1]
     g = hq // hkv
     if cache.positioner is not None:  # unrotated q and k: rotate both to this forward's positions
         cos, sin = cache.rotation(store, step, rope_layer_type(module))  # (Hkv, C, R/2)
         n = query.shape[2]
         key = rope_apply(key[0], cos, sin)[None]
-        qc, qs = (x[:, -n:].repeat_interleave(g, dim=0) for x in (cos, sin))  # new tokens: the last n slots
+        idx = store.new_slots[..., None].expand(-1, -1, cos.shape[-1])  # (Hkv, n, R/2): the new tokens' slots
+        qc, qs = (x.gather(1, idx).repeat_interleave(g, dim=0) for x in (cos, sin))
         query = rope_apply(query[0], qc, qs)[None]
     if cache.trace is not None:
         cache.trace.append(dict(layer=module.layer_idx, q=query[0].detach().clone(), k=key[0].detach().clone(),
@@ -162,8 +185,8 @@ def _attend(module, query, key, value, store, cache, seq, role, scaling, step: i
     mask = store.mask(seq, role == ROLE_TARGET, ROLE_TARGET)  # (Hkv, n, C)
     window, softcap = attention_variant(module)
     if window is not None:  # a sliding layer sees the last `window` original positions, whatever is cached
-        nq = query.shape[2]
-        mask = mask & (store.pos[:, -nq:, None] - store.pos[:, None, :] < window)  # new tokens: last n slots
+        qpos = store.pos.gather(1, store.new_slots)  # (Hkv, n): the new tokens' original positions
+        mask = mask & (qpos[:, :, None] - store.pos[:, None, :] < window)
     if store.score is None and store.recorded is None and softcap is None:
         # query heads grouped by KV head, (1, Hkv, g * n, D): K/V are read once, never repeated
         n, d, c = query.shape[2], query.shape[3], key.shape[2]

@@ -220,6 +220,7 @@ class QuantKVStore(Store):
     def append(self, k, v, seq, pos, role) -> None:
         """k, v: (H, n, D); seq, pos, role: (n,) shared by all heads."""
         n, c, lens = k.shape[1], self.seq.shape[1], list(self.n_live)
+        self._last_seq = seq
         flag = self.flagger(k, seq) if self.flagger else torch.zeros(self.h, n, dtype=torch.bool, device=k.device)
         new = dict(seq=seq.expand(self.h, n), pos=pos.expand(self.h, n), role=role.to(torch.int8).expand(self.h, n),
                    valid=flag.new_ones(self.h, n), flag=flag, score=torch.zeros(self.h, n, device=k.device))

@@ -32,7 +32,7 @@ from ..methods.base import LayerView, Method
 from . import hf
 from .budget import budget_bytes, tokens_per_head
 from .qstore import QuantKVStore, SinkOutlierFlags
-from .store import KVStore, Store
+from .store import HeadGroups, KVStore, Store
 
 
 @dataclass
@@ -78,12 +78,18 @@ def layer_stats(s) -> tuple:
 
 
 def make_store(method: Method, geom: dict, dtype, device, layer: int, types: list[str] | None = None,
-               bounded: bool = False) -> Store:
-    """The store the method declares for `layer` (types: its profiled head types). bounded: a budget
-    applies (dense buffers then grow exactly, never with slack)."""
+               budgets: list[int] | None = None, inplace: bool = True) -> Store | HeadGroups:
+    """The store the method declares for `layer` (types: its profiled head types; budgets: the
+    layer's per-head token budgets, None without a budget: dense buffers then grow with slack);
+    inplace: dense eviction frees slots for reuse (False: the compacting reference, see engine.store).
+    A method whose heads hold different budgets gets its heads grouped by budget (HeadGroups)."""
     h, d = geom["n_kv_heads"], geom["head_dim"]
+    bounded = budgets is not None
+    if method.layout == "grouped_per_head" and bounded and len(set(budgets)) > 1:
+        groups = [[i for i, b in enumerate(budgets) if b == v] for v in sorted(set(budgets))]
+        return HeadGroups(h, d, dtype, device, groups, track_scores=method.needs_scores, slack=False, inplace=inplace)
     if method.storage == "dense":
-        store = KVStore(h, d, dtype, device, track_scores=method.needs_scores, slack=not bounded)
+        store = KVStore(h, d, dtype, device, track_scores=method.needs_scores, slack=not bounded, inplace=inplace)
         store.layout = method.layout
         return store
     spec = method.quant_spec(layer, h, types)
@@ -96,8 +102,16 @@ def make_store(method: Method, geom: dict, dtype, device, layer: int, types: lis
                         flagger=flagger)
 
 
+def _rows(x, heads):
+    """The entries of KV heads `heads` (None: all) of a per-head tensor or of a dict of them."""
+    if x is None or heads is None:
+        return x
+    return {n: m[heads] for n, m in x.items()} if isinstance(x, dict) else x[heads]
+
+
 class Session:
     stepwise = True  # evicting chunks run stepwise inside one forward (False: one-token forwards)
+    inplace = True  # dense stores evict in place (False: the compacting reference store)
 
     def __init__(self, model, method: Method, budget: int | None, chunk_size: int = 64, profile=None):
         hf.prepare_model(model)
@@ -113,12 +127,16 @@ class Session:
             self.budgets = method.head_budgets(budget, self.geom["n_layers"], self.geom["n_kv_heads"], profile)
             self.budgets = self.budgets.to(self.device)
             self._budgets_host = self.budgets.tolist()
-        self.stores = [make_store(method, self.geom, self.dtype, self.device, i, types[i], self.budgets is not None)
+        self.stores = [make_store(method, self.geom, self.dtype, self.device, i, types[i],
+                                  self._budgets_host[i] if self.budgets is not None else None, self.inplace)
                        for i in range(self.geom["n_layers"])]
         if self.budgets is not None:
             self.keep = torch.stack([tokens_per_head(st, b) for st, b in zip(self.stores, self.budgets)])
-        self._types = [None if t is None else {n: torch.tensor([x == n for x in t], device=self.device) for n in set(t)}
-                       for t in types]
+        masks = [None if t is None else {n: torch.tensor([x == n for x in t], device=self.device) for n in set(t)}
+                 for t in types]
+        # per layer, per part of its store: (part, the part's keep budgets, its heads' type masks)
+        self._parts = [[(p, _rows(self.keep[i] if self.keep is not None else None, heads), _rows(masks[i], heads))
+                        for heads, p in st.parts()] for i, st in enumerate(self.stores)]
         self.cache = hf.StoreCache(self.stores, model)
         self.seq = 0
         # re-indexed positions (StreamingLLM): declared by the method as a streams.PositionRule
@@ -156,7 +174,7 @@ class Session:
         """(H, C) positions attention applies to the store's unrotated keys (and, for the last n
         slots, the new tokens' queries) in this forward."""
         return reindexed_positions(self.rule, store.pos, store.seq, store.role, store.valid, self.first,
-                                   self.max_lead)
+                                   self.max_lead, store.ordered)
 
     # ---- feeding -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -226,8 +244,9 @@ class Session:
     def _evict_layer(self, i: int) -> None:
         s = self.stores[i]
         if any(n > b for n, b in zip(s.n_live, self._budgets_host[i])):  # host counts: no sync
-            view = LayerView(s.seq, s.pos, s.role, s.valid, s.score, layer=i, ordered=s.ordered, types=self._types[i])
-            s.compact(self.method.select(view, self.keep[i]))
+            for p, keep, types in self._parts[i]:  # one part, or one per head group
+                view = LayerView(p.seq, p.pos, p.role, p.valid, p.score, layer=i, ordered=p.ordered, types=types)
+                p.compact(self.method.select(view, keep))
 
     # ---- stepwise forwards (called by hf.kvbench_attention, layer by layer) --------------------
     def step_append(self, layer: int, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -248,4 +267,4 @@ class Session:
         return self.stores[0].layout
 
     def compute(self) -> str:
-        return self.stores[0].compute
+        return self.stores[0].parts()[0][1].compute

@@ -68,7 +68,7 @@ class Method:
     needs_profile: ClassVar[bool] = False
     evicts: ClassVar[bool] = True
     storage: ClassVar[str] = "dense"
-    layout: ClassVar[str] = "dense"  # "padded_per_head" when heads hold different budgets
+    layout: ClassVar[str] = "dense"  # "grouped_per_head": heads stored in groups of equal budget
 
     @property
     def cache_positions(self) -> bool:
@@ -151,12 +151,18 @@ class LayerView:
         return self.valid & (self.age_rank() < n)
 
 
-def top_by(score: torch.Tensor, candidates: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
-    """(H, C) bool: per head, the n candidates with the highest score (ties: older first)."""
+def top_by(score: torch.Tensor, candidates: torch.Tensor, n: torch.Tensor | int,
+           seq: torch.Tensor | None = None) -> torch.Tensor:
+    """(H, C) bool: per head, the n candidates with the highest score (ties: older first). Slots are
+    taken as stream order unless `seq` (H, C) is given (a store that reuses freed slots)."""
     h, c = score.shape
     n = torch.as_tensor(n, device=score.device).reshape(-1, 1).expand(h, 1)
     s = torch.where(candidates, score.float(), torch.full_like(score, float("-inf"), dtype=torch.float))
-    order = torch.argsort(s, dim=1, descending=True, stable=True)
+    if seq is None:
+        order = torch.argsort(s, dim=1, descending=True, stable=True)
+    else:  # by age first, then a stable sort by score: ties stay oldest first
+        by_age = torch.argsort(seq, dim=1, stable=True)
+        order = by_age.gather(1, torch.argsort(s.gather(1, by_age), dim=1, descending=True, stable=True))
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(c, device=score.device).expand_as(order))
     return candidates & (rank < n)

@@ -10,8 +10,8 @@ only the budgets differ by head type.
 Default shares (retrieval 2 : induction 1 : local 0.5) follow the reasoning of retrieval-head work
 (Wu et al. 2024; Xiao et al. 2024 "DuoAttention"): retrieval heads need distant tokens, local heads
 mostly the recent window, so moving budget from local to retrieval heads keeps quality at the same
-total. Storage is padded per layer to the largest head's budget (reported as `padded_per_head`,
-bytes allocated including padding); attention masks each head's padding.
+total. Storage groups each layer's heads by budget (`grouped_per_head`: one buffer per group, no
+padding to the largest head), so head_aware allocates the bytes of its budget, as uniform does.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class HeadAware(Method):
     paper = "head-aware dynamic KV budgeting (this benchmark's core method); heads as in Wu et al. 2024"
     needs_scores = True
     needs_profile = True
-    layout = "padded_per_head"
+    layout = "grouped_per_head"
     share_retrieval: float = 2.0
     share_induction: float = 1.0
     share_local: float = 0.5

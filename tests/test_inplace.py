@@ -1,0 +1,118 @@
+"""In-place eviction keeps exactly the entries the compacting store kept, at every step, for every
+dense evicting method: the same (stream index, position, role) per head after every eviction of
+every layer, through stepwise prefill chunks, GPE source/target groups and decode steps; attention
+reads the same entries, so the logits agree to float tolerance (only the summation order differs).
+And it never reallocates: at budget B the buffers reach B + 1 slots once and stay there."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kvbench.engine.session import Session
+from kvbench.methods import method_from_config
+from kvbench.streams import ROLE_SOURCE, ROLE_TARGET
+
+METHODS = [
+    ("streaming_llm", {"positions": "shifted"}),
+    ("streaming_llm", {"positions": "cache"}),
+    ("streaming_llm", {"positions": "original"}),
+    ("streaming_llm", {"n_sink": 0, "positions": "original"}),
+    ("h2o", {}),
+    ("h2o", {"recent_ratio": 0.25}),
+    ("head_aware", {}),
+    ("head_aware", {"local_rule": "h2o"}),
+    ("uniform", {}),
+]
+BUDGET = 20
+
+
+def stream(n: int, vocab: int, seed: int = 0):
+    """A wait-k-like stream: source words then target words alternating in runs, GPE positions (each
+    group counts from 0), so position re-indexing sees two groups."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n,), generator=g)
+    role, pos, counts = [], [], {ROLE_SOURCE: 0, ROLE_TARGET: 0}
+    for i in range(n):
+        r = ROLE_SOURCE if (i // 7) % 2 == 0 or i < 12 else ROLE_TARGET
+        role.append(r)
+        pos.append(counts[r])
+        counts[r] += 1
+    return ids, torch.tensor(pos), torch.tensor(role)
+
+
+def mixed_profile(n_layers, n_heads):
+    types = ("retrieval", "induction", "local")
+    return SimpleNamespace(types=[[types[(li + h) % 3] for h in range(n_heads)] for li in range(n_layers)])
+
+
+def entries(store) -> list[torch.Tensor]:
+    """Per KV head (in head order, whatever part holds it): (3, n) seq, pos, role of its live entries,
+    oldest first."""
+    out = {}
+    for heads, p in store.parts():
+        for j in range(p.h):
+            m = p.valid[j]
+            order = torch.argsort(p.seq[j][m])
+            h = j if heads is None else int(heads[j])
+            out[h] = torch.stack([p.seq[j][m][order], p.pos[j][m][order], p.role[j][m][order].long()])
+    return [out[h] for h in sorted(out)]
+
+
+def run(model, mtype, params, inplace: bool):
+    """Feed a stream in chunks (stepwise past the budget) then decode; record each layer's live
+    entries per head, in stream order, after every eviction, and the logits of every feed."""
+    Session.inplace = inplace
+    try:
+        g = model.config
+        prof = mixed_profile(g.num_hidden_layers, g.num_key_value_heads)
+        sess = Session(model, method_from_config(mtype, params), BUDGET, chunk_size=16, profile=prof)
+    finally:
+        Session.inplace = True
+    log = []
+    orig = sess._evict_layer
+
+    def evict(i):
+        orig(i)
+        log.append((i, entries(sess.stores[i])))
+
+    sess._evict_layer = evict
+    ids, pos, role = stream(90, g.vocab_size)
+    logits = [sess.feed(ids[:40], pos[:40], role[:40], logits="all"), sess.feed(ids[40:], pos[40:], role[40:], logits="all")]
+    p, r = int(pos[-1]) + 1, ROLE_TARGET
+    for _ in range(12):
+        logits.append(sess.feed([int(logits[-1][-1].argmax())], [p], [r]))
+        p += 1
+    return sess, log, logits
+
+
+@pytest.mark.parametrize("mtype,params", METHODS, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for m, p in METHODS])
+def test_inplace_keeps_the_same_entries_as_compacting(tiny, mtype, params):
+    model = tiny[0]
+    a_sess, a_log, a_logits = run(model, mtype, params, inplace=True)
+    b_sess, b_log, b_logits = run(model, mtype, params, inplace=False)
+    assert len(a_log) == len(b_log) > 50
+    for (ia, ha), (ib, hb) in zip(a_log, b_log):
+        assert ia == ib
+        for h, (x, y) in enumerate(zip(ha, hb)):
+            assert torch.equal(x, y), (mtype, params, ia, h, x[0].tolist(), y[0].tolist())
+    for x, y in zip(a_logits, b_logits):
+        assert torch.allclose(x, y, atol=1e-4, rtol=1e-4)
+    assert any(not p.ordered for s in a_sess.stores for _, p in s.parts())  # freed slots were reused
+
+
+def test_inplace_store_never_reallocates_after_reaching_its_budget(tiny):
+    model = tiny[0]
+    sess = Session(model, method_from_config("h2o", {}), BUDGET, chunk_size=16)
+    ids, pos, role = stream(90, model.config.vocab_size)
+    sess.feed(ids[:40], pos[:40], role[:40])
+    bufs = [s._k.data_ptr() for s in sess.stores]
+    assert all(s.capacity == BUDGET + 1 for s in sess.stores)
+    sess.feed(ids[40:], pos[40:], role[40:])
+    p = int(pos[-1]) + 1
+    for i in range(10):
+        sess.feed([5], [p + i], [ROLE_TARGET])
+    assert [s._k.data_ptr() for s in sess.stores] == bufs
+    assert all(s.capacity == BUDGET + 1 and max(s.n_live) == BUDGET for s in sess.stores)
