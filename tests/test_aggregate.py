@@ -66,7 +66,7 @@ def _rows(task: str, method: str, length: int, budget: str) -> list[dict]:
             tokens_processed=length, max_position=length if full else min(length, b), model_max_positions=4096,
             retained_tokens_peak=held, retained_tokens_mean=held * 0.8,
             cache_bytes_peak=held * per_token + 256 * (not full), cache_bytes_mean=held * per_token * 0.7,
-            budget_bytes=None if full else b * per_token, layout="dense" if full else "padded_per_head",
+            budget_bytes=None if full else b * per_token, layout="dense" if full else "grouped_per_head",
             compute="exact", wall_seconds=0.5 + length / 1000 + rng.random() * 0.1, seed=0, device="cpu",
             dtype="float32",
         )

@@ -60,7 +60,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "cache_bytes_live_peak": pa.int64(),  # bytes of live entries only (no padding)
     "metadata_bytes_peak": pa.int64(),  # positions, roles, scores kept beside the tensors
     "budget_bytes": pa.int64(),  # budget x layers x kv_heads x head_dim x 2 x bytes/elem (null for full)
-    "layout": pa.string(),  # dense | padded_per_head | packed_quant
+    "layout": pa.string(),  # dense | grouped_per_head | packed_quant (rows before 2026-12-01: padded_per_head)
     "compute": pa.string(),  # exact | dequantized  (how attention consumes the cache)
     "device_peak_bytes": pa.int64(),  # torch.cuda.max_memory_allocated, null on CPU
     # speed
