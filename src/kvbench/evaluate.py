@@ -85,8 +85,7 @@ def run_eval(*, model_dir: str, task: str, data: str, method: str, method_type: 
     check_dtype(dtype)
     check_device(device, available=True)
     b = parse_budget(budget)
-    pol = check_method(method_type, params, method)
-    pol.validate(b)
+    pol = check_method(method_type, params, method, b)  # built and validated once for the job
     if not pol.evicts and b is not None:
         raise ValueError(f"method {method!r} ({method_type}) keeps everything: its budget must be 'full'")
     if pol.evicts and b is None:
@@ -185,7 +184,7 @@ def run_eval(*, model_dir: str, task: str, data: str, method: str, method_type: 
             continue
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        session = Session(model, pol, b, chunk_size, prof)
+        session = Session(model, pol, b, chunk_size, prof, validated=True)
         t0 = time.perf_counter()
         fields = tasks.run_task(task, _PositionGuard(session, max_pos, int(doc["id"])), prompter, doc, task_params)
         wall = time.perf_counter() - t0

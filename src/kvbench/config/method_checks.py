@@ -47,10 +47,11 @@ def _type_name(annotation) -> str:
     return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
 
 
-def check_method(type_name: str, params: dict, name: str | None = None):
-    """Build a method from its config entry and check its parameters without a budget: the type is
-    registered, every key is a field, every value has the field's type, and the method's own
-    validate(None) passes. Returns the method; ValueError naming the variant, key and allowed values."""
+def check_method(type_name: str, params: dict, name: str | None = None, budget: int | None = None):
+    """Build a method from its config entry and check its parameters (at `budget`, None: without a
+    budget): the type is registered, every key is a field, every value has the field's type, and the
+    method's own validate(budget) passes. Returns the method; ValueError naming the variant, key and
+    allowed values. An eval job builds and validates its method here, once."""
     import dataclasses
     import typing
 
@@ -72,7 +73,7 @@ def check_method(type_name: str, params: dict, name: str | None = None):
             raise ValueError(f"{label}: parameter {key} must be {kind}, got {value!r} ({type(value).__name__})")
     try:
         pol = method_from_config(type_name, params)
-        pol.validate(None)
+        pol.validate(budget)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{label}: {e}") from None
     ignored = [k for k in params if k in (*getattr(cls, "ignored_fields", ()), *IGNORED_FIELDS.get(type_name, ()))]

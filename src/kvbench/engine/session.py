@@ -113,13 +113,16 @@ class Session:
     stepwise = True  # evicting chunks run stepwise inside one forward (False: one-token forwards)
     inplace = True  # dense stores evict in place (False: the compacting reference store)
 
-    def __init__(self, model, method: Method, budget: int | None, chunk_size: int = 64, profile=None):
+    def __init__(self, model, method: Method, budget: int | None, chunk_size: int = 64, profile=None,
+                 validated: bool = False):
+        """validated: the caller already ran method.validate(budget) (an eval job does, once)."""
         hf.prepare_model(model)
         self.model, self.method, self.chunk_size = model, method, chunk_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.geom = hf.model_geometry(model)
-        method.validate(budget)
+        if not validated:
+            method.validate(budget)
         types = list(profile.types) if profile is not None else [None] * self.geom["n_layers"]
         self.budgets = None  # (L, H) full-precision tokens per layer and KV head (the byte allowance)
         self.keep = None  # (L, H) tokens each head may keep within it (its storage's conversion)
