@@ -71,13 +71,34 @@ def builtin_random(cache_dir: str = os.path.join(CACHE, "models"), max_positions
     return out
 
 
-def machine() -> str:
+def cpu_name() -> str:
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
+    return cpu
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The q-quantile of xs, linear between order statistics."""
+    xs = sorted(xs)
+    i = q * (len(xs) - 1)
+    lo, hi = int(i), min(int(i) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
+
+
+def paired(a, b) -> tuple[float, float, float]:
+    """Median and 10/90% of per-round ratios a.times / b.times (both timed in the same rounds)."""
+    import statistics
+
+    r = [x / y for x, y in zip(a.times, b.times)]
+    return statistics.median(r), pct(r, 0.1), pct(r, 0.9)
+
+
+def machine() -> str:
+    cpu = cpu_name()
     import subprocess
 
     import torch

@@ -44,7 +44,7 @@ import time
 
 import torch
 
-from bench._util import RESULTS, cached_model, machine, mixed_profile, print_table, write_csv
+from bench._util import RESULTS, cached_model, machine, mixed_profile, paired, pct, print_table, write_csv
 from kvbench.engine.timing import sync, timed_step
 
 GOAL = 1.10
@@ -126,19 +126,6 @@ def prefill_chain(model, mtype: str, budget, checkpoints: list[int], ids, a, pro
         print(f"  prefilled {t.label:<28} {spent:7.1f}s  cache {s.memory.after_step_bytes[-1] / 2**20:8.1f} MiB",
               flush=True)
     return out
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    i = q * (len(xs) - 1)
-    lo, hi = int(i), min(int(i) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
-
-
-def paired(a: Timed, b: Timed) -> tuple[float, float, float]:
-    """Median and 10/90% of per-round ratios a/b (both timed in the same rounds)."""
-    r = [x / y for x, y in zip(a.times, b.times)]
-    return statistics.median(r), pct(r, 0.1), pct(r, 0.9)
 
 
 # ---- profiling ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench._util import print_table, write_csv
+from bench._util import cpu_name, paired, pct, print_table, write_csv
 
 PEER = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(PEER))
@@ -114,18 +114,6 @@ def run_rounds(sessions: list[Timed], warmup: int, repeats: int, seed: int = 0) 
                 t.times.append(ms)
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    i = q * (len(xs) - 1)
-    lo, hi = int(i), min(int(i) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
-
-
-def paired(a: Timed, b: Timed) -> tuple[float, float, float]:
-    r = [x / y for x, y in zip(a.times, b.times)]
-    return statistics.median(r), pct(r, 0.1), pct(r, 0.9)
-
-
 def rows_of(sessions: list[Timed], threads: int, **extra) -> list[dict]:
     """One row per session; peers get `overhead` = peer(K, L) / full(context K) and
     `saving` = peer(K, L) / full(context L), both medians of per-round ratios [p10, p90]."""
@@ -161,12 +149,7 @@ def save(rows: list[dict], path: str) -> None:
 
 
 def machine_info(**versions) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 timeout=5).stdout.strip() or "unknown"
