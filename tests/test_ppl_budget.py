@@ -40,7 +40,8 @@ def check_visible(sess: Session, dense: bool) -> int:
     for call in sess.cache.trace:
         n = call["qseq"].shape[0]
         live = call["kvalid"].sum(dim=1).tolist()  # (H,) entries visible to the new tokens
-        for h, x in enumerate(live):
+        heads = call.get("heads", range(len(live)))  # a part of heads grouped by budget: which heads
+        for h, x in zip(heads, live):
             b = budgets[call["layer"]][h]
             if n > 1:
                 assert x <= b, f"layer {call['layer']} head {h}: a chunk of {n} tokens saw {x} > budget {b}"

@@ -89,7 +89,8 @@ class StoreCache(Cache):
     forwards do, layer by layer; the projections and MLPs still run on the n tokens at once).
     `trace`: None, or a list to which attention appends what it consumed, per layer and forward:
     dict(layer, q (Hq, n, D), k (H, C, D) as rotated for attention, kseq, kvalid, kpos (H, C): the
-    positions attention used, qseq (n,))
+    positions attention used, qseq (n,); with heads grouped by budget, one dict per part and `heads`:
+    the layer's KV heads it holds)
     (tests and debugging; costs a copy per layer)."""
 
     def __init__(self, stores, model=None):
@@ -163,6 +164,8 @@ def _attend_parts(module, query, store, cache, seq, role, scaling, step: int = 0
         qh = (heads[:, None] * g + torch.arange(g, device=heads.device)).reshape(-1)  # query heads of these KV heads
         k, v = part.keys_values()
         out[:, :, qh] = _attend(module, query[:, qh], k[None], v[None], part, cache, seq, role, scaling, step)
+        if cache.trace is not None:
+            cache.trace[-1]["heads"] = heads.tolist()  # the layer's KV heads this part holds
     return out
 
 
