@@ -68,7 +68,7 @@ def _rows(task: str, method: str, length: int, budget: str) -> list[dict]:
             cache_bytes_peak=held * per_token + 256 * (not full), cache_bytes_mean=held * per_token * 0.7,
             budget_bytes=None if full else b * per_token, layout="dense" if full else "grouped_per_head",
             compute="exact", wall_seconds=0.5 + length / 1000 + rng.random() * 0.1, seed=0, device="cpu",
-            dtype="float32",
+            dtype="float32", transient_bytes_peak=0,
         )
         if task.startswith("translate"):
             doc = random.Random(f"doc-{length}-{sid}")  # same documents for every method

@@ -19,7 +19,7 @@ from kvbench.schema import ARROW_SCHEMA, COLUMNS, SchemaError, check_version, mi
 KEYS = ["model", "task", "dataset", "method", "length", "budget"]
 CELL_COLUMNS = KEYS + [
     "n_samples", "bleu", "chrf", "al", "laal", "lagging_skipped", "perplexity", "decode_ms_median",
-    "decode_ms_p90", "cache_bytes_peak", "cache_bytes_mean", "retained_tokens_mean",
+    "decode_ms_p90", "cache_bytes_peak", "cache_bytes_mean", "transient_bytes_peak", "retained_tokens_mean",
     "budget_bytes", "budget_tokens", "layout", "compute", "method_type", "wall_seconds",
     "max_position", "model_max_positions", "quality_meaningful", "bleu_ci_low", "bleu_ci_high", "chrf_ci_low",
     "chrf_ci_high", "perplexity_ci_low", "perplexity_ci_high", "bleu_delta", "bleu_p_value", "bleu_p_ar",
@@ -83,6 +83,7 @@ def _cell(g: pd.DataFrame) -> dict:
     bb = g["budget_bytes"].dropna()
     row.update(
         cache_bytes_peak=g["cache_bytes_peak"].mean(), cache_bytes_mean=g["cache_bytes_mean"].mean(),
+        transient_bytes_peak=g["transient_bytes_peak"].max(),
         retained_tokens_mean=g["retained_tokens_mean"].mean(),
         budget_bytes=float(bb.iloc[0]) if len(bb) else np.nan, budget_tokens=g["budget_tokens"].max(),
         layout=_one(g["layout"]), compute=_one(g["compute"]), method_type=_one(g["method_type"]),

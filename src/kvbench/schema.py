@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
-KNOWN_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+KNOWN_VERSIONS = (1, 2, 3)
 # columns a version added: a file of an older known version reads with them null
-ADDED_IN = {2: ("max_position", "model_max_positions")}
+ADDED_IN = {2: ("max_position", "model_max_positions"), 3: ("transient_bytes_peak",)}
 
 # name -> arrow type. Nullable everywhere: a column that does not apply to a task is null
 # (e.g. BLEU inputs for `ppl`, NLL for `translate_stream`).
@@ -59,6 +59,9 @@ COLUMNS: dict[str, pa.DataType] = {
     "cache_bytes_mean": pa.float64(),
     "cache_bytes_live_peak": pa.int64(),  # bytes of live entries only (no padding)
     "metadata_bytes_peak": pa.int64(),  # positions, roles, scores kept beside the tensors
+    # largest full-precision K/V working copy one attention call made, not held between calls: a
+    # dequantized block (quantized storage), the rotated keys (re-indexed positions), up-cast copies
+    "transient_bytes_peak": pa.int64(),
     "budget_bytes": pa.int64(),  # budget x layers x kv_heads x head_dim x 2 x bytes/elem (null for full)
     "layout": pa.string(),  # dense | grouped_per_head | packed_quant (rows before 2026-12-01: padded_per_head)
     "compute": pa.string(),  # exact | dequantized  (how attention consumes the cache)

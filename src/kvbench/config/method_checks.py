@@ -102,9 +102,10 @@ def string_choices(cls, field) -> tuple[str, ...] | None:
 
 
 def check_geometry(pol, geom: dict | None) -> None:
-    """Quantized storage groups head_dim channels: its group size must divide head_dim."""
+    """Quantized storage groups a value row's head_dim channels in groups of min(group_size, head_dim):
+    a group size below head_dim must divide it."""
     if not geom or not geom.get("head_dim"):
         return
-    g = getattr(pol, "group_size", None)
-    if getattr(pol, "storage", "dense") != "dense" and isinstance(g, int) and g > 0 and geom["head_dim"] % g:
-        raise ValueError(f"group_size must divide the model's head_dim ({geom['head_dim']}), got {g}")
+    g, d = getattr(pol, "group_size", None), geom["head_dim"]
+    if getattr(pol, "storage", "dense") != "dense" and isinstance(g, int) and 0 < g < d and d % g:
+        raise ValueError(f"group_size must divide the model's head_dim ({d}) or be at least it, got {g}")

@@ -62,8 +62,8 @@ class StoreLayer(CacheLayerMixin):
         seq, pos, role = self.owner.pending
         self.store.append(key_states[0], value_states[0], seq, pos, role)  # (H, n, D)
         parts = self.store.parts()
-        if len(parts) > 1:  # heads in groups: attention reads them part by part (kvbench_attention)
-            return key_states, value_states
+        if len(parts) > 1 or parts[0][1].blockwise:  # attention reads the store itself: part by part
+            return key_states, value_states  # (head groups) or block by block (quantized)
         k, v = parts[0][1].keys_values()
         return k[None], v[None]  # (1, H, C, D)
 
@@ -93,8 +93,11 @@ class StoreCache(Cache):
     the layer's KV heads it holds)
     (tests and debugging; costs a copy per layer)."""
 
+    block = 512  # tokens per dequantized block when attention reads a blockwise (quantized) store
+
     def __init__(self, stores, model=None):
         self.pending = None
+        self.transient_peak = 0  # largest K/V working copy one attention call made (bytes): see _attend
         self.stepwise = None  # a session: tokens of this forward are appended, attended and evicted one by one
         self.model = model  # for its RoPE frequencies (re-indexed positions)
         self.positioner = None
@@ -139,7 +142,7 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     seq, _, role = cache.pending
     scaling = module.scaling if scaling is None else scaling
     if cache.stepwise is None:
-        if len(store.parts()) == 1:  # key, value: the store's, from StoreLayer.update
+        if len(store.parts()) == 1 and not store.blockwise:  # key, value: the store's, from StoreLayer.update
             return _attend(module, query, key, value, store, cache, seq, role, scaling), None
         return _attend_parts(module, query, store, cache, seq, role, scaling), None
     outs = []
@@ -156,17 +159,93 @@ def _attend_parts(module, query, store, cache, seq, role, scaling, step: int = 0
     (1, n, Hq, D); a part's KV heads are served by their own query heads."""
     parts = store.parts()
     if len(parts) == 1:
-        k, v = parts[0][1].keys_values()
-        return _attend(module, query, k[None], v[None], parts[0][1], cache, seq, role, scaling, step)
+        return _attend_part(module, query, parts[0][1], cache, seq, role, scaling, step)
     g = query.shape[1] // store.h
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
     for heads, part in parts:
         qh = (heads[:, None] * g + torch.arange(g, device=heads.device)).reshape(-1)  # query heads of these KV heads
-        k, v = part.keys_values()
-        out[:, :, qh] = _attend(module, query[:, qh], k[None], v[None], part, cache, seq, role, scaling, step)
+        out[:, :, qh] = _attend_part(module, query[:, qh], part, cache, seq, role, scaling, step)
         if cache.trace is not None:
             cache.trace[-1]["heads"] = heads.tolist()  # the layer's KV heads this part holds
     return out
+
+
+def _attend_part(module, query, part, cache, seq, role, scaling, step: int = 0):
+    if part.blockwise:
+        return _attend_blocks(module, query, part, cache, seq, role, scaling)
+    k, v = part.keys_values()
+    return _attend(module, query, k[None], v[None], part, cache, seq, role, scaling, step)
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _window_mask(module, store, mask):
+    """The store's (Hkv, n, C) mask, narrowed on a sliding layer (the last `window` original
+    positions, whatever is cached); and the layer's logit soft-cap (None: none)."""
+    window, softcap = attention_variant(module)
+    if window is not None:
+        qpos = store.pos.gather(1, store.new_slots)  # (Hkv, n): the new tokens' original positions
+        mask = mask & (qpos[:, :, None] - store.pos[:, None, :] < window)
+    return mask, softcap
+
+
+def _attend_blocks(module, query, store, cache, seq, role, scaling):
+    """query (1, Hq, n, D) against a store read block by block (`store.blocks(h, cache.block)`) ->
+    (1, n, Hq, D). Per KV head, an online softmax in float32 over its blocks (running max, denominator
+    and weighted sum per query row, rescaled whenever a block raises the max): one softmax over all
+    slots, with one block of dequantized K/V alive at a time. Attention probabilities for the store's
+    scores (H2O) or for profiling are rebuilt from the blocks' logits (n x C floats, not K/V) after
+    the last block, against the final max and denominator."""
+    if cache.positioner is not None:
+        raise ValueError("re-indexed positions need dense storage")
+    hq, n, d = query.shape[1:]
+    hkv = store.h
+    g = hq // hkv
+    mask, softcap = _window_mask(module, store, store.mask(seq, role == ROLE_TARGET, ROLE_TARGET))  # (Hkv, n, C)
+    want_p = store.score is not None or store.recorded is not None
+    probs = query.new_zeros(hkv, g * n, mask.shape[-1], dtype=torch.float32) if want_p else None
+    q = query[0].reshape(hkv, g * n, d).float()  # query heads grouped by KV head: row = i * n + t
+    out = torch.empty(hkv, g * n, d, dtype=torch.float32, device=query.device)
+    neg = float("-inf")
+    for h in range(hkv):
+        m = den = acc = None
+        logits = []
+        for s0, k, v, tb in store.blocks(h, cache.block):
+            kf, vf = k.float(), v.float()
+            tb += (_nbytes(kf) if kf is not k else 0) + (_nbytes(vf) if vf is not v else 0)  # up-cast copies
+            cache.transient_peak = max(cache.transient_peak, tb)
+            x = (q[h] @ kf.T) * scaling  # (g * n, b)
+            if softcap is not None:
+                x = torch.tanh(x / softcap) * softcap
+            x = x.masked_fill(~mask[h, :, s0:s0 + k.shape[0]].repeat(g, 1), neg)
+            top = x.amax(-1, keepdim=True) if m is None else torch.maximum(m, x.amax(-1, keepdim=True))
+            safe = top.masked_fill(top == neg, 0.0)  # a row with nothing visible yet: exp(-inf) = 0
+            e = torch.exp(x - safe)
+            if m is None:
+                den, acc = e.sum(-1, keepdim=True), e @ vf
+            else:
+                scale = torch.exp(m - safe)
+                den, acc = den * scale + e.sum(-1, keepdim=True), acc * scale + e @ vf
+            m = top
+            if want_p:
+                logits.append((s0, x))
+        out[h] = acc / den
+        if want_p:
+            safe = m.masked_fill(m == neg, 0.0)
+            for s0, x in logits:
+                probs[h, :, s0:s0 + x.shape[1]] = torch.exp(x - safe) / den
+    if want_p:
+        p = probs.reshape(hkv, g, n, -1)
+        store.observe(p.sum(dim=1))
+        if store.recorded is not None:  # head profiling: keep every query's attention row
+            store.recorded.append(p.reshape(hq, n, -1))
+    if cache.trace is not None:
+        cache.trace.append(dict(layer=module.layer_idx, q=query[0].detach().clone(), k=store.keys_values()[0],
+                                kseq=store.seq.clone(), kvalid=store.valid.clone(), qseq=seq.clone(),
+                                kpos=store.pos.clone()))
+    return out.reshape(1, hq, n, d).to(query.dtype).transpose(1, 2).contiguous()
 
 
 def _attend(module, query, key, value, store, cache, seq, role, scaling, step: int = 0):
@@ -178,6 +257,7 @@ def _attend(module, query, key, value, store, cache, seq, role, scaling, step: i
         cos, sin = cache.rotation(store, step, rope_layer_type(module))  # (Hkv, C, R/2)
         n = query.shape[2]
         key = rope_apply(key[0], cos, sin)[None]
+        cache.transient_peak = max(cache.transient_peak, _nbytes(key))  # the rotated copy of every key
         idx = store.new_slots[..., None].expand(-1, -1, cos.shape[-1])  # (Hkv, n, R/2): the new tokens' slots
         qc, qs = (x.gather(1, idx).repeat_interleave(g, dim=0) for x in (cos, sin))
         query = rope_apply(query[0], qc, qs)[None]
@@ -185,11 +265,7 @@ def _attend(module, query, key, value, store, cache, seq, role, scaling, step: i
         cache.trace.append(dict(layer=module.layer_idx, q=query[0].detach().clone(), k=key[0].detach().clone(),
                                 kseq=store.seq.clone(), kvalid=store.valid.clone(), qseq=seq.clone(),
                                 kpos=(cache._last_positions if cache.positioner is not None else store.pos).clone()))
-    mask = store.mask(seq, role == ROLE_TARGET, ROLE_TARGET)  # (Hkv, n, C)
-    window, softcap = attention_variant(module)
-    if window is not None:  # a sliding layer sees the last `window` original positions, whatever is cached
-        qpos = store.pos.gather(1, store.new_slots)  # (Hkv, n): the new tokens' original positions
-        mask = mask & (qpos[:, :, None] - store.pos[:, None, :] < window)
+    mask, softcap = _window_mask(module, store, store.mask(seq, role == ROLE_TARGET, ROLE_TARGET))  # (Hkv, n, C)
     if store.score is None and store.recorded is None and softcap is None:
         # query heads grouped by KV head, (1, Hkv, g * n, D): K/V are read once, never repeated
         n, d, c = query.shape[2], query.shape[3], key.shape[2]
@@ -200,7 +276,10 @@ def _attend(module, query, key, value, store, cache, seq, role, scaling, step: i
     else:
         n, d = query.shape[2], query.shape[3]
         q = query[0].reshape(hkv, g, n, d)  # (Hkv, g, n, D): query heads grouped by KV head
-        s = torch.einsum("hgnd,hcd->hgnc", q.float(), key[0].float()) * scaling
+        kf, vf = key[0].float(), value[0].float()
+        if kf is not key[0]:  # up-cast copies (a half-precision cache)
+            cache.transient_peak = max(cache.transient_peak, _nbytes(kf, vf))
+        s = torch.einsum("hgnd,hcd->hgnc", q.float(), kf) * scaling
         if softcap is not None:  # Gemma 2: logits soft-capped before the mask
             s = torch.tanh(s / softcap) * softcap
         s = s.masked_fill(~mask[:, None], float("-inf"))
@@ -208,7 +287,7 @@ def _attend(module, query, key, value, store, cache, seq, role, scaling, step: i
         store.observe(p.sum(dim=1))
         if store.recorded is not None:  # head profiling: keep every query's attention row
             store.recorded.append(p.reshape(hq, n, -1))
-        out = torch.einsum("hgnc,hcd->hgnd", p, value[0].float()).to(query.dtype).reshape(1, hq, n, d)
+        out = torch.einsum("hgnc,hcd->hgnd", p, vf).to(query.dtype).reshape(1, hq, n, d)
     return out.transpose(1, 2).contiguous()  # (1, n, Hq, D)
 
 

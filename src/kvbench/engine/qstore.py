@@ -9,15 +9,18 @@ Each KV head h owns three tiers, in this slot order (the (H, C) metadata is padd
   hi     (n_hi, D)  tokens kept at high precision (sinks, outliers): K and V quantized per token
                     at `hi_bits` (or stored as-is at 16); rows are independent, eviction is exact.
   body   (n_b, D)   KIVI (Liu et al. 2024, arXiv:2402.02750): keys per channel in groups of G
-                    consecutive tokens (scale/zero (n_groups, D)), values per token in groups of G
-                    channels (scale/zero (n_b, D/G)); codes bit-packed along D, one row per token.
+                    consecutive tokens (scale/zero (n_groups, D)), values per token in groups of
+                    Gv = min(G, D) channels (scale/zero (n_b, D/Gv)); codes bit-packed along D, one
+                    row per token. (hi-tier rows are grouped like values.)
   resid  (n_r, D)   the most recent tokens in the cache dtype. Tokens older than the last `residual`
                     leave it in whole groups of G (hi-flagged ones go to `hi` one by one), so
                     n_r <= residual + G - 1 after every append.
 
 Bits are per head (`key_bits[h]`, `value_bits[h]`); 16 means stored unquantized in the cache dtype.
-Attention reads dequantized values: keys_values() rebuilds (H, C, D) from the codes at every call
-(no full-precision copy of the body is kept). nbytes() is what the tiers allocate: codes + scales +
+Attention reads dequantized values block by block: blocks(h, block) yields a head's slots as pieces
+of at most `block` tokens, dequantized one at a time (engine.hf attends them with an online softmax),
+so the full-precision working set is one block, reported as `transient_bytes_peak`; no
+full-precision copy of the body is kept. keys_values() still rebuilds the whole (H, C, D) (tests). nbytes() is what the tiers allocate: codes + scales +
 zeros + residual, per head, so heads of different lengths or bits add no padding; the padded (H, C)
 metadata is counted in meta_bytes().
 
@@ -34,6 +37,8 @@ are per token and never re-packed. `bytes_bound` prices all of this for budget c
 """
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 
@@ -111,10 +116,15 @@ class Rows:
         self.take(idx)
         return idx
 
-    def deq(self, dtype) -> torch.Tensor:
-        if self.bits < 16 and not len(self):
+    def deq(self, dtype, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Rows lo:hi (default all) in `dtype`: a new tensor (a transient of attention)."""
+        hi = len(self) if hi is None else hi
+        if self.bits < 16 and hi <= lo:
             return torch.empty(0, self.d, dtype=dtype, device=self.q.device)
-        return QTensor(self.q, self.s, self.z, self.bits, self.g, "token", (len(self), self.d)).dequantize(dtype)
+        q = self.q[lo:hi]
+        if self.bits == 16:
+            return q.to(dtype, copy=True)
+        return QTensor(q, self.s[lo:hi], self.z[lo:hi], self.bits, self.g, "token", (hi - lo, self.d)).dequantize(dtype)
 
     def nbytes(self) -> int:
         return _nb(self.q, self.s, self.z)
@@ -130,6 +140,7 @@ class ChannelKeys:
         self.s = torch.empty(0, d, dtype=sdt, device=device)  # (n_groups, D)
         self.z = self.s.clone()
         self.size = torch.empty(0, dtype=torch.long, device=device)
+        self._ends = (None, [])
 
     def add(self, x: torch.Tensor) -> None:
         """x (n, D): whole groups of G, or one partial group (n < G)."""
@@ -138,14 +149,27 @@ class ChannelKeys:
         self.q, self.s, self.z = (torch.cat(p) for p in ((self.q, t.packed), (self.s, t.scale), (self.z, t.zero)))
         self.size = torch.cat([self.size, self.size.new_full((x.shape[0] // g,), g)])
 
-    def deq(self, dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.q.shape[0]:
+    def deq(self, dtype, rows: torch.Tensor | None = None, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Rows `rows` (an index tensor), else rows lo:hi (default all), in `dtype`."""
+        n = self.q.shape[0]
+        hi = n if hi is None else hi
+        if not n or (rows is None and hi <= lo):
             return torch.empty(0, self.d, dtype=dtype, device=self.q.device)
         s, z = self.s.float(), self.z.float()  # exact; widened before expanding (half ops are slow on CPU)
-        if rows is None:  # every row: scales expanded group by group, no index tensor
-            n = self.q.shape[0]
+        if rows is None and lo == 0 and hi == n:  # every row: scales expanded group by group, no index tensor
             q, s, z = self.q, s.repeat_interleave(self.size, dim=0, output_size=n), \
                 z.repeat_interleave(self.size, dim=0, output_size=n)
+        elif rows is None:  # a range of rows: the groups it spans, expanded and trimmed
+            if self._ends[0] is not self.size:  # host copy of the group ends, per version of `size`
+                self._ends = (self.size, torch.cumsum(self.size, 0).tolist())
+            ends = self._ends[1]
+            g0, g1 = bisect.bisect_right(ends, lo), bisect.bisect_left(ends, hi) + 1
+            start = ends[g0] - int(self.size[g0])
+            m = ends[g1 - 1] - start
+            sz = self.size[g0:g1]
+            q = self.q[lo:hi]
+            s = s[g0:g1].repeat_interleave(sz, dim=0, output_size=m)[lo - start:hi - start]
+            z = z[g0:g1].repeat_interleave(sz, dim=0, output_size=m)[lo - start:hi - start]
         else:
             gid = torch.repeat_interleave(torch.arange(len(self.size), device=self.q.device), self.size)[rows]
             q, s, z = self.q[rows], s[gid], z[gid]
@@ -179,11 +203,18 @@ class ChannelKeys:
         return _nb(self.q, self.s, self.z)
 
 
+def value_group(group_size: int, d: int) -> int:
+    """Channels per group of a per-token (value, hi-tier) row: G, or the whole row when G >= D (as
+    KIVI's G = 128 on head_dim 128 quantizes each value row as one group)."""
+    return min(group_size, d)
+
+
 class _Head:
     def __init__(self, d, kb, vb, hi_bits, g, dtype, device, sdt):
-        self.hk, self.hv = (Rows(d, b, g, dtype, device, sdt) for b in hi_bits)
-        self.bk = Rows(d, 16, g, dtype, device, sdt) if kb == 16 else ChannelKeys(d, kb, g, device, sdt)
-        self.bv = Rows(d, vb, g, dtype, device, sdt)
+        gv = value_group(g, d)
+        self.hk, self.hv = (Rows(d, b, gv, dtype, device, sdt) for b in hi_bits)
+        self.bk = Rows(d, 16, gv, dtype, device, sdt) if kb == 16 else ChannelKeys(d, kb, g, device, sdt)
+        self.bv = Rows(d, vb, gv, dtype, device, sdt)
         self.rk = torch.empty(0, d, dtype=dtype, device=device)  # (n_r, D)
         self.rv = self.rk.clone()
         self.n_hi = self.n_body = 0
@@ -197,6 +228,7 @@ class QuantKVStore(Store):
 
     layout = "packed_quant"
     compute = "dequantized"
+    blockwise = True  # attention dequantizes one block of a head at a time (blocks)
     ordered = False  # hi tier (sinks, outliers) first, merged key groups re-packed: not stream order
 
     def __init__(self, n_heads: int, head_dim: int, dtype, device, key_bits, value_bits, group_size: int,
@@ -305,6 +337,32 @@ class QuantKVStore(Store):
                 ks[h, n:], vs[h, n:] = 0, 0
         return ks, vs
 
+    def blocks(self, h: int, block: int):
+        """Head h's live slots as consecutive pieces (start slot, keys (n, D), values (n, D), transient
+        bytes) of at most `block` tokens, in the cache dtype: attention dequantizes one piece at a time,
+        so its full-precision working set is a block, never the cache. Residual rows come as views of
+        the store's own tensors (no transient); a piece with quantized rows is a new tensor."""
+        hd = self.heads[h]
+        a, b, n = hd.n_hi, hd.n_hi + hd.n_body, self.n_live[h]
+        for s0 in range(0, n, block):
+            s1 = min(s0 + block, n)
+            if s0 >= b:
+                yield s0, hd.rk[s0 - b:s1 - b], hd.rv[s0 - b:s1 - b], 0
+                continue
+            ks, vs = [], []
+            if s0 < a:
+                ks.append(hd.hk.deq(self.dtype, s0, min(s1, a)))
+                vs.append(hd.hv.deq(self.dtype, s0, min(s1, a)))
+            if s1 > a:
+                lo, hi = max(s0, a) - a, min(s1, b) - a
+                ks.append(hd.bk.deq(self.dtype, lo=lo, hi=hi) if isinstance(hd.bk, ChannelKeys) else
+                          hd.bk.deq(self.dtype, lo, hi))
+                vs.append(hd.bv.deq(self.dtype, lo, hi))
+            if s1 > b:
+                ks.append(hd.rk[: s1 - b]), vs.append(hd.rv[: s1 - b])
+            k, v = (x[0] if len(x) == 1 else torch.cat(x) for x in (ks, vs))
+            yield s0, k, v, _nb(k, v)
+
     # ---- eviction ------------------------------------------------------------------------
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the slots where keep (H, C) is True; frees codes, scales and residual rows."""
@@ -339,6 +397,12 @@ class QuantKVStore(Store):
         ts += [hd.bk.size for hd in self.heads if isinstance(hd.bk, ChannelKeys)]
         return _nb(*ts) + (self.flagger.nbytes() if hasattr(self.flagger, "nbytes") else 0)
 
+    def tier_bytes(self) -> dict:
+        """Bytes each tier allocates, summed over heads: hi, body (codes + scales + zeros), res."""
+        return dict(hi=sum(hd.hk.nbytes() + hd.hv.nbytes() for hd in self.heads),
+                    body=sum(hd.bk.nbytes() + hd.bv.nbytes() for hd in self.heads),
+                    res=sum(_nb(hd.rk, hd.rv) for hd in self.heads))
+
     def counts(self) -> list[dict]:
         """Per head: tokens in each tier and the body's key-group sizes (for tests and reports)."""
         return [dict(hi=hd.n_hi, body=hd.n_body, res=hd.rk.shape[0],
@@ -359,7 +423,7 @@ def bytes_bound(n: int, d: int, dtype, key_bits: int, value_bits: int, group_siz
     """Most bytes one head can allocate holding n tokens: the dearest tiers filled first (residual
     <= residual + G - 1 tokens at full price, then up to n_hi high-precision tokens, then the body
     with at most MAX_PARTIAL partial key groups). Assumes hi bits >= body bits."""
-    row = lambda b: quantized_nbytes((1, d), b, group_size, "token", scale_dtype, dtype)  # noqa: E731
+    row = lambda b: quantized_nbytes((1, d), b, value_group(group_size, d), "token", scale_dtype, dtype)  # noqa: E731
     r = min(n, residual + group_size - 1)
     hi = min(n - r, n_hi)
     body = n - r - hi

@@ -93,8 +93,9 @@ def make_store(method: Method, geom: dict, dtype, device, layer: int, types: lis
         store.layout = method.layout
         return store
     spec = method.quant_spec(layer, h, types)
-    if d % spec.group_size:
-        raise ValueError(f"{method.type_name}: group_size {spec.group_size} does not divide head_dim {d}")
+    if spec.group_size < d and d % spec.group_size:  # value rows in groups of min(G, D) channels
+        raise ValueError(f"{method.type_name}: group_size {spec.group_size} does not divide head_dim {d} (value "
+                         f"rows are quantized in groups of min(group_size, head_dim) channels)")
     r = spec.hi_rule
     flagger = SinkOutlierFlags(r.n_sink, r.decay, r.threshold, r.detect) if r is not None else None
     return QuantKVStore(h, d, dtype, device, list(spec.key_bits), list(spec.value_bits), spec.group_size,

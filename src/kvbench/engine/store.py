@@ -49,6 +49,7 @@ class Store(ABC):
 
     layout = "dense"
     compute = "exact"
+    blockwise = False  # attention reads it block by block (`blocks`), not through keys_values()
     ordered = True  # slots of each head are in stream order (LayerView.age_rank may use cumsum)
 
     def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
