@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=64, help="prefill chunk (the config's chunk_size)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group-size", type=int, default=128,
+                   help="group size of the body-bytes check (default 128: config/paper.yaml's quantized methods)")
+    p.add_argument("--head-dims", default="64,128", help="head_dims of the body-bytes check (the paper models')")
     p.add_argument("--out", default=os.path.join(RESULTS, "memory.csv"))
     return p.parse_args(argv)
 
@@ -138,6 +141,34 @@ def measure(model, model_dir, tok, mtype: str, budget, length: int, a, profile) 
     return row
 
 
+BODY_GOAL = {4: 0.28, 2: 0.16}  # body bytes / fp16 bytes of the same tokens, scales and zeros counted
+
+
+def body_bytes(group_size: int, head_dims: list[int], n: int = 4096, residual: int = 32) -> list[dict]:
+    """The quantized body's bytes per token against fp16, measured from a QuantKVStore's tensors: 2
+    KV heads, fp16 cache, n random tokens appended in chunks of 64 (`body`: codes + scales + zeros of
+    the tokens in the body tier; `all`: every tier, the full-precision residual window included)."""
+    from kvbench.engine.qstore import QuantKVStore
+
+    rows = []
+    for d in head_dims:
+        for bits, goal in BODY_GOAL.items():
+            st = QuantKVStore(2, d, torch.float16, "cpu", [bits] * 2, [bits] * 2, group_size, residual)
+            g = torch.Generator().manual_seed(0)
+            for a in range(0, n, 64):
+                k, v = (torch.randn(2, 64, d, generator=g).half() for _ in range(2))
+                seq = torch.arange(a, a + 64)
+                st.append(k, v, seq, seq, torch.zeros(64, dtype=torch.long))
+            tb, c = st.tier_bytes(), st.counts()
+            n_body = sum(x["body"] for x in c)
+            fp16 = lambda t: t * d * 2 * 2  # noqa: E731  (K and V, 2 bytes each)
+            body = tb["body"] / fp16(n_body)
+            rows.append(dict(head_dim=d, bits=bits, group_size=group_size, tokens=n, body_tokens=n_body // 2,
+                             body_vs_fp16=body, all_vs_fp16=st.nbytes() / fp16(2 * n), goal_max=goal,
+                             goal="ok" if body <= goal else "MISS"))
+    return rows
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     torch.manual_seed(a.seed)
@@ -191,11 +222,18 @@ def main(argv=None) -> int:
         print_table(quant, ["method", "storage", "layout", "budget", "length", "retained_per_head", "bytes",
                             "vs_fp16_full", "vs_fp32_full", "vs_fp16_held", "bits_per_value", "alloc", "max_step",
                             "vs_full", "meta", "goal"])
+    body = body_bytes(a.group_size, ints(a.head_dims))
+    print(f"\n# quantized body bytes / fp16 (scales and zeros counted), group size {a.group_size}, fp16 cache, "
+          "2 KV heads, 4096 random tokens, residual window 32 (all_vs_fp16: every tier, window included)")
+    print_table(body, ["head_dim", "bits", "group_size", "tokens", "body_tokens", "body_vs_fp16", "all_vs_fp16",
+                       "goal_max", "goal"], nd=4)
+    rows += [dict(method="body_bytes", **r) for r in body]
     write_csv(rows, a.out)
     missed = [r for r in rows if r.get("goal") == "MISS"]
     if missed:
-        print(f"goal missed by {len(missed)} row(s): " + ", ".join(f"{r['method']} B{r['budget']} L{r['length']}"
-                                                                  for r in missed))
+        print(f"goal missed by {len(missed)} row(s): " + ", ".join(
+            f"{r['method']} B{r.get('budget')} L{r.get('length')}" if r["method"] != "body_bytes"
+            else f"body bytes {r['bits']}-bit head_dim {r['head_dim']}" for r in missed))
     return 0
 
 

@@ -47,6 +47,7 @@ from bench.peer._timing import (
     header,
     machine_info,
     prefill_chain,
+    print_table,
     rows_of,
     run_rounds,
     save,
@@ -159,7 +160,6 @@ def check_kept(model, prefilled: Timed, a) -> list[dict]:
     print(f"\n# kept-positions check: DecodingPress(StreamingLLMPress(n_sink={a.n_sink}), target_size={a.kept}, "
           f"compression_interval={a.interval}) after a prefill of {t.context}; expected per head: positions "
           f"0..{a.n_sink - 1} and the newest {a.kept - a.n_sink}; rows not matched to a known key: {tracker.unmatched}")
-    from _timing import print_table
 
     # one line per step: layer 0, head 0, and whether every tracked layer and head held the same positions
     same = {}

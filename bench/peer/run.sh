@@ -6,7 +6,10 @@
 #   QUICK=1 bash bench/peer/run.sh                    # contexts 1024 only, 5 repeats (a smoke run)
 #   THREADS=1 bash bench/peer/run.sh                  # one torch thread only (default: 1 then torch's default, 0)
 #
-# Logs and CSVs go to bench/results/ (git-ignored): peer_*.log, peer_*.csv, decode_streaming_*.csv.
+# Logs and CSVs go to bench/results/ (git-ignored but for HISTORY.md): peer_*.{log,csv},
+# decode_<model>_t<threads>.{log,csv}
+# (every kvbench evicting method, dense and quantized), then `python -m bench.peer.summary` prints one
+# table per shape (kvbench and peers, each against its own run's full cache) into peer_summary.{log,csv}.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 # modules run from the repo root (bench is a package); the peer venv has no kvbench: src/ on the path
@@ -18,17 +21,18 @@ OUT=bench/results
 mkdir -p "$OUT"
 THREADS="${THREADS:-1,0}"
 ARGS=(--kept 512 --contexts 1024,2048,4096 --threads "$THREADS")
-DEC=(--methods streaming_llm --budgets 512 --contexts 1024,2048,4096 --profile none)
+DEC=(--methods all --budgets 512 --contexts 1024,2048,4096 --profile none)
 if [ -n "${QUICK:-}" ]; then
   ARGS=(--kept 512 --contexts 1024 --repeats 5 --warmup 2 --threads "$THREADS")
-  DEC=(--methods streaming_llm --budgets 512 --contexts 1024 --repeats 5 --warmup 2 --profile none)
+  DEC=(--methods all --budgets 512 --contexts 1024 --repeats 5 --warmup 2 --profile none)
 fi
 for m in qwen2.5-0.5b qwen2-h512-random; do
   dir=bench/.cache/models/$m
   "$PEER" -m bench.peer.kvpress_decode --model "$dir" "${ARGS[@]}" 2>&1 | tee "$OUT/peer_kvpress_$m.log"
   python -m bench.peer.sliding_window --model "$dir" "${ARGS[@]}" 2>&1 | tee "$OUT/peer_hf_sliding_$m.log"
-  for th in ${THREADS//,/ }; do  # kvbench's own streaming_llm, same weights, same protocol
-    python -m bench.decode --model "$dir" "${DEC[@]}" --threads "$th" --out "$OUT/decode_streaming_${m}_t$th.csv" \
-      2>&1 | tee "$OUT/decode_streaming_${m}_t$th.log"
+  for th in ${THREADS//,/ }; do  # kvbench's own methods, same weights, same protocol
+    python -m bench.decode --model "$dir" "${DEC[@]}" --threads "$th" --out "$OUT/decode_${m}_t$th.csv" \
+      2>&1 | tee "$OUT/decode_${m}_t$th.log"
   done
 done
+python -m bench.peer.summary "$OUT" 2>&1 | tee "$OUT/peer_summary.log"
