@@ -63,6 +63,30 @@ def docs():
     return {L: synthetic_docs(L, 2, seed=1) for L in (96, 192)}
 
 
+@pytest.fixture(scope="session")
+def haystacks(tiny):
+    """Builtin-language filler documents (`source: haystack`) for the long-context tasks."""
+    from kvbench.data import haystack_docs
+
+    return {L: haystack_docs(L, 2, 1, tiny[1]) for L in (96, 192)}
+
+
+def builtin_tasks() -> list[str]:
+    """The registered tasks the builtin model runs (RULER's English instructions need a hub model)."""
+    from kvbench import tasks
+
+    return [t for t in tasks.TASKS if tasks.get(t).builtin]
+
+
+def task_doc(task: str, docs, haystacks, length: int, i: int) -> dict:
+    """Document i of the length for a task: translation pairs, or haystack filler for a task that
+    runs on `source: haystack` datasets only."""
+    from kvbench import tasks
+
+    kinds = tasks.get(task).kinds
+    return (docs if "parallel" in kinds or "text" in kinds else haystacks)[length][i]
+
+
 # ---- planted attention -------------------------------------------------------------------------
 class StreamInfo:
     """The whole token stream a planted head sees (ids, pos, role: lists), with what the rules need:

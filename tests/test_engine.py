@@ -11,6 +11,8 @@ from kvbench.engine.session import Session
 from kvbench.methods import REGISTRY, method_from_config
 from kvbench.prompt import Prompter
 
+from conftest import builtin_tasks, task_doc
+
 METHODS = sorted(REGISTRY)  # the matrix: every registered method type, at its defaults
 LOSSY = sorted(n for n, c in REGISTRY.items() if c.storage != "dense")  # low-bit storage: never exact
 
@@ -122,13 +124,14 @@ def test_budget_above_length_is_full(tiny, docs, mixed_profile, full_refs, name,
 
 
 @pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("task", list(tasks.TASKS))
-def test_matrix_tight_budget_runs_and_respects_budget(tiny, docs, mixed_profile, name, task):
+@pytest.mark.parametrize("task", builtin_tasks())
+def test_matrix_tight_budget_runs_and_respects_budget(tiny, docs, haystacks, mixed_profile, name, task):
     model, tok, d = tiny
     budget = 24
     method = method_from_config(name, {})
     sess = BudgetChecked(model, method, budget, chunk_size=8, profile=mixed_profile)
-    row = tasks.run_task(task, sess, prompter(tiny), docs[96][1], {"wait_k": 3, "n_decode": 2, "warmup": 0})
+    row = tasks.run_task(task, sess, prompter(tiny), task_doc(task, docs, haystacks, 96, 1),
+                         {"wait_k": 3, "n_decode": 2, "warmup": 0, "n_depths": 2})
     assert row and sess.steps > 0
     if not method.evicts:
         return

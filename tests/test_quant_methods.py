@@ -19,6 +19,8 @@ from kvbench.engine.session import Session
 from kvbench.methods import haq_kv, method_from_config, stream_quant  # noqa: F401  (registration)
 from kvbench.methods.base import REGISTRY
 from kvbench.prompt import Prompter
+
+from conftest import builtin_tasks, task_doc
 from kvbench.quant import quantized_nbytes
 
 CPU = torch.device("cpu")
@@ -239,15 +241,15 @@ QMETHODS = [("haq_kv", dict(group_size=16, residual=4)),
             ("haq_kv", dict(group_size=16, residual=2, evict="streaming_llm")),
             ("stream_quant", dict(group_size=16, residual=4, key_bits_normal=2)),
             ("stream_quant", dict(group_size=32, residual=0, evict="h2o", outlier_threshold_relative=1.2))]
-MATRIX = [(*q, t) for q in QMETHODS for t in tasks.TASKS]
+MATRIX = [(*q, t) for q in QMETHODS for t in builtin_tasks()]
 
 
 @pytest.mark.parametrize("name,kw,task", MATRIX)
-def test_four_tasks_tight_budget(tiny, docs, name, kw, task):
+def test_four_tasks_tight_budget(tiny, docs, haystacks, name, kw, task):
     model, tok, d = tiny
     budget = 24
     sess = CheckedSession(model, mk(name, **kw), budget, 8, PROFILE)
-    row = tasks.run_task(task, sess, prompter(tiny), docs[96][1], TP)
+    row = tasks.run_task(task, sess, prompter(tiny), task_doc(task, docs, haystacks, 96, 1), TP)
     assert row and sess.checked > 0
     assert all(b <= sess.budget_bytes(budget) for b in sess.memory.after_step_bytes)
     assert sess.memory.retained_peak > budget  # quantized: more tokens than B in B's bytes

@@ -23,7 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_registered_in_table_order_without_torch():
-    assert tasks.TASKS == ("translate_stream", "translate_batch", "ppl", "latency")
+    assert tasks.TASKS == ("translate_stream", "translate_batch", "ppl", "latency", "niah", "ruler_niah_multikey",
+                           "ruler_niah_multivalue", "ruler_vt", "ruler_cwe")
     # config validation, aggregation and figure planning read the registry: it must stay light
     code = "import sys, kvbench.tasks; print(sorted({'torch', 'pandas', 'matplotlib'} & set(sys.modules)))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -33,7 +34,8 @@ def test_registered_in_table_order_without_torch():
 def test_parameters_defaults_and_readers():
     p = parameters()
     assert {k: (f.default, f.metadata["minimum"]) for k, f in p.items()} == {
-        "wait_k": (5, 1), "target_offset": (0, 0), "n_decode": (32, 1), "warmup": (4, 0)}
+        "wait_k": (5, 1), "target_offset": (0, 0), "n_decode": (32, 1), "warmup": (4, 0), "n_depths": (5, 2),
+        "query_first": (False, None)}
     assert tasks.base.fields("translate_batch") == ("target_offset",)
     assert tasks.base.fields("latency") == ("wait_k", "target_offset", "n_decode", "warmup")
 
@@ -47,8 +49,11 @@ def test_declared_columns_are_row_columns():
 def test_dataset_default_tasks_by_kind():
     cfg = {"datasets": {"s": {"source": "synthetic"}, "wt": {"source": "hf", "path": "x"},
                         "de": {"source": "hf", "path": "x", "src_lang": "en", "tgt_lang": "de"}}}
-    assert dataset_tasks(cfg, "s") == dataset_tasks(cfg, "de") == list(tasks.TASKS)
+    cfg["datasets"]["hay"] = {"source": "haystack"}
+    assert dataset_tasks(cfg, "s") == dataset_tasks(cfg, "de") == ["translate_stream", "translate_batch", "ppl",
+                                                                   "latency"]
     assert dataset_tasks(cfg, "wt") == ["ppl", "latency"]
+    assert dataset_tasks(cfg, "hay") == [t for t in tasks.TASKS if t == "niah" or t.startswith("ruler_")]
 
 
 def test_a_parameter_must_mean_the_same_in_every_task():

@@ -41,8 +41,8 @@ def _write_csv(df: pd.DataFrame, path: str) -> str:
 def figure(name: str, raw_files: list[str], out_dir: str, heads_files: list[str] = (),
            model_dirs: list[str] = (), methods: list[str] = ()) -> list[str]:
     """One figure (PDF, PNG and its data as CSV) from the inputs it reads: the cell table of its raw
-    files, head profiles or model folders; `methods` (the config's, in order) fix each method's colour
-    across figures."""
+    files (or those files' rows), head profiles or model folders; `methods` (the config's, in order) fix
+    each method's colour across figures."""
     from kvbench.figures._draw import set_methods
 
     if name not in figures.REGISTRY:
@@ -56,6 +56,8 @@ def figure(name: str, raw_files: list[str], out_dir: str, heads_files: list[str]
     else:
         if not raw_files:
             raise ValueError(f"aggregate: figure {name!r} has no raw result files to plot (existing figures untouched)")
+        if fig.reads == "rows":
+            return fig.draw(read_raw(list(raw_files)).to_pandas(), os.path.join(out_dir, "figures"))
         data = cell_table(read_raw(list(raw_files)).to_pandas(), n_resamples=0)  # figures need no bootstrap
     return fig.draw(data, os.path.join(out_dir, "figures"))
 
@@ -97,7 +99,8 @@ def aggregate(raw_files: list[str], config: dict, out_dir: str, heads_files: lis
         written[f"tables/{name}.tex"] = tex
 
     fig_dir = os.path.join(out_dir, "figures")
-    for path in figures.write_all(cells, list(heads_files), fig_dir) if with_figures else []:
+    rows = table.to_pandas() if with_figures else None
+    for path in figures.write_all(cells, list(heads_files), fig_dir, rows=rows) if with_figures else []:
         written[os.path.relpath(path, out_dir)] = path
     return {k: os.path.abspath(v) for k, v in written.items()}
 

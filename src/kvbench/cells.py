@@ -1,7 +1,7 @@
 """Cells: raw per-sample rows -> one row per (model, task, dataset, method, length, budget).
 
 A cell's task scores come from its registered task (`kvbench.tasks`: corpus BLEU/chrF and lagging for
-translation, perplexity, decode latency), with bootstrap CIs and, for a compressed cell, the task's
+translation, perplexity, decode latency, accuracy of the long-context tasks), with bootstrap CIs and, for a compressed cell, the task's
 paired tests against the `full` cell of the same samples; memory, provenance and the derived metrics
 against `full` (speedup, compression, perplexity increase) are the same for every task.
 """
@@ -22,7 +22,8 @@ CELL_COLUMNS = KEYS + [
     "decode_ms_p90", "cache_bytes_peak", "cache_bytes_mean", "transient_bytes_peak", "retained_tokens_mean",
     "budget_bytes", "budget_tokens", "layout", "compute", "method_type", "wall_seconds",
     "max_position", "model_max_positions", "quality_meaningful", "bleu_ci_low", "bleu_ci_high", "chrf_ci_low",
-    "chrf_ci_high", "perplexity_ci_low", "perplexity_ci_high", "bleu_delta", "bleu_p_value", "bleu_p_ar",
+    "chrf_ci_high", "perplexity_ci_low", "perplexity_ci_high", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
+    "bleu_delta", "bleu_p_value", "bleu_p_ar",
     "significance", "n_paired", "n_resamples", "speedup_vs_full", "compression_vs_full",
     "ppl_increase_pct", "bleu_signature", "chrf_signature"]
 

@@ -6,6 +6,12 @@ paragraph) ends; perplexity-only corpora (WikiText, PG19) have an empty target; 
 text with the model's tokenizer plus a fixed allowance for prompt and markers, never above `length`.
 Sources:
 - `synthetic`: the builtin language pair (kvbench.synth), seeded, offline; one token per word.
+- `haystack`: filler for the long-context tasks (kvbench.tasks.niah, kvbench.tasks.ruler), seeded,
+  offline, filled to the length: for the builtin model (its tokenizer knows the builtin language),
+  sentence pairs of the builtin language with no name binding and no reference (`source`, `target`,
+  `sent_ends`; `n_tokens` counts the teacher-forced stream as for `synthetic`); for any other
+  tokenizer, the plain English sentences of `kvbench.longctx.haystack.SyntheticFiller` (`target`
+  empty). The tasks place their needle (or RULER's needles) in this filler at run time.
 - `hf`: anything `datasets.load_dataset` reads, in the real datasets' own column layout. The
   dataset's `kind` says how rows become documents (config key; inferred from the layout if absent):
   - `translation`: rows are sentence pairs ({"translation": {"en": ..., "fr": ...}}, IWSLT-17 /
@@ -52,6 +58,54 @@ def synthetic_docs(length: int, n: int, seed: int) -> list[dict]:
         d = synth.make_document(i, length, seed, lex)
         out.append(dict(id=i, src_lang=synth.SRC_LANG, tgt_lang=synth.TGT_LANG, source=" ".join(d.source),
                         target=" ".join(d.target), sent_ends=d.sent_ends, n_tokens=d.n_tokens(), length=length))
+    return out
+
+
+def is_builtin_tokenizer(tokenizer) -> bool:
+    """Does this tokenizer read the builtin language (the builtin model's word-level tokenizer)?"""
+    vocab = tokenizer.get_vocab()
+    return all(w in vocab for w in synth.INSTRUCTION + [synth.TARGET_START])
+
+
+def haystack_docs(length: int, n: int, seed: int, tokenizer) -> list[dict]:
+    """`n` filler documents of at most `length` tokens (see the module docstring)."""
+    import random
+
+    out = []
+    if is_builtin_tokenizer(tokenizer):
+        lex = synth.lexicon()
+        overhead = synth.Document(0, [], [], []).n_tokens()
+        for i in range(n):
+            rng = random.Random(f"haystack|{seed}|{length}|{i}")
+            src, tgt, ends = [], [], []
+            while True:
+                s, t, _ = synth._sentence(rng, lex, {}, [])  # no role: no binding, no reference
+                if overhead + len(src) + len(s) + len(tgt) + len(t) > length:
+                    break
+                src, tgt = src + s, tgt + t
+                ends.append(len(src))
+            if not src:
+                raise ValueError(f"length {length} is too small for one filler sentence pair")
+            out.append(dict(id=i, src_lang=synth.SRC_LANG, tgt_lang=synth.TGT_LANG, source=" ".join(src),
+                            target=" ".join(tgt), sent_ends=ends, n_tokens=overhead + len(src) + len(tgt),
+                            length=length))
+        return out
+    from .longctx.haystack import SyntheticFiller
+
+    counter = _Counter(tokenizer)
+    for i in range(n):
+        sentences = SyntheticFiller().sentences(random.Random(f"haystack|{seed}|{length}|{i}"))
+        words, ends, total = [], [], 0
+        for sent in sentences:  # per-word counts estimate; the text is counted exactly below
+            w = sent.split()
+            total += sum(counter.words(w))
+            if total > length:
+                break
+            words += w
+            ends.append(len(words))
+        m, tok = counter.fit(words, length)
+        out.append(dict(id=i, src_lang=None, tgt_lang=None, source=" ".join(words[:m]), target="",
+                        sent_ends=[e for e in ends if e < m] + [m], n_tokens=tok, length=length))
     return out
 
 
@@ -277,6 +331,10 @@ def make_data(cfg: dict, length: int, n: int, seed: int, out: str, tokenizer=Non
     kind = "synthetic"
     if src == "synthetic":
         docs = synthetic_docs(length, n, seed)
+    elif src == "haystack":
+        if tokenizer is None:
+            raise ValueError("haystack documents are built to a token length: pass the model (--model DIR)")
+        docs = haystack_docs(length, n, seed, tokenizer)
     elif src == "hf":
         if tokenizer is None:
             raise ValueError("hf datasets are built to a token length: pass the model (--model DIR)")
@@ -286,7 +344,7 @@ def make_data(cfg: dict, length: int, n: int, seed: int, out: str, tokenizer=Non
             where = f"{cfg.get('path')!r}" + (f" (data_files {cfg['data_files']!r})" if cfg.get("data_files") else "")
             raise ValueError(f"dataset {where}: not UTF-8 text ({e})") from None
     else:
-        raise ValueError(f"unknown dataset source {src!r}; use 'synthetic' or 'hf'")
+        raise ValueError(f"unknown dataset source {src!r}; use 'synthetic', 'hf' or 'haystack'")
     if len(docs) < n and (not cfg.get("allow_fewer", False) or not docs):
         raise ValueError(f"dataset {label}, length {length}: made {len(docs)} of {n} documents asked for "
                          f"(kind {kind}: {_shortfall(kind)}); lower n_samples or the length, use a larger split, "

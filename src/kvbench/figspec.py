@@ -5,4 +5,4 @@ for pandas or matplotlib (the figure modules import them only when they draw).""
 from kvbench.figures import REGISTRY
 
 FIGURE_TASKS = {name: f.tasks for name, f in REGISTRY.items()}  # tasks whose raw results a figure plots
-FIGURE_READS = {name: f.reads for name, f in REGISTRY.items()}  # cells | heads | models
+FIGURE_READS = {name: f.reads for name, f in REGISTRY.items()}  # cells | rows | heads | models

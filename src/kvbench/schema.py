@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
-KNOWN_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+KNOWN_VERSIONS = (1, 2, 3, 4)
 # columns a version added: a file of an older known version reads with them null
-ADDED_IN = {2: ("max_position", "model_max_positions"), 3: ("transient_bytes_peak",)}
+ADDED_IN = {2: ("max_position", "model_max_positions"), 3: ("transient_bytes_peak",),
+            4: ("depth", "depth_actual", "needle_position", "prediction", "expected", "score", "query_first",
+                "subtask")}
 
 # name -> arrow type. Nullable everywhere: a column that does not apply to a task is null
 # (e.g. BLEU inputs for `ppl`, NLL for `translate_stream`).
@@ -21,7 +23,8 @@ COLUMNS: dict[str, pa.DataType] = {
     "model": pa.string(),  # model name in the config (path component)
     "model_source": pa.string(),  # builtin:/path:/hub:/random: source string
     "revision": pa.string(),  # hub revision or content hash of the local folder
-    "task": pa.string(),  # a registered task (kvbench.tasks): translate_stream, translate_batch, ppl, latency
+    "task": pa.string(),  # a registered task (kvbench.tasks): translate_stream, translate_batch, ppl, latency, niah,
+    # ruler_<subtask>
     "dataset": pa.string(),  # dataset name in the config (path component)
     "method": pa.string(),  # variant name in the config (path component), e.g. "sink4"
     "method_type": pa.string(),  # registered type, e.g. "streaming_llm"
@@ -48,6 +51,15 @@ COLUMNS: dict[str, pa.DataType] = {
     "nll_sum": pa.float64(),
     "n_scored_tokens": pa.int64(),
     "nll_per_token": pa.float64(),
+    # long-context tasks (niah, ruler_*)
+    "depth": pa.float64(),  # niah: the needle's depth asked, a fraction of the context (0 = start, 1 = end)
+    "depth_actual": pa.float64(),  # niah: share of the filler tokens before the needle (where it really is)
+    "needle_position": pa.int64(),  # niah: index of the needle's first token in the token stream fed
+    "prediction": pa.string(),  # the generated answer
+    "expected": pa.string(),  # niah: the value; ruler: the reference answers as a JSON list
+    "score": pa.float64(),  # per-sample score in [0, 1] (niah: 0/1 exact match; ruler: string_match_all)
+    "query_first": pa.bool_(),  # niah: the question came before the context
+    "subtask": pa.string(),  # ruler: the RULER task
     "quality_meaningful": pa.bool_(),  # False for random-weight models
     # memory: summed from the tensors the cache really holds
     "tokens_processed": pa.int64(),  # tokens fed through the model for this sample

@@ -106,3 +106,14 @@ def perplexity_ci(nll_sums: Sequence[float], n_tokens: Sequence[int], n_resample
         ppl = np.exp(nll[idx].sum(1) / tok[idx].sum(1))
     lo, hi = np.percentile(ppl, [2.5, 97.5])
     return {"perplexity_ci_low": float(lo), "perplexity_ci_high": float(hi) if math.isfinite(hi) else math.inf}
+
+
+def mean_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0, name: str = "accuracy") -> dict:
+    """95% percentile bootstrap CI over samples of the mean of per-sample scores (`{name}_ci_low/high`)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2 or n_resamples < 1:
+        return {}
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_resamples, len(v)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {f"{name}_ci_low": float(lo), f"{name}_ci_high": float(hi)}

@@ -10,13 +10,13 @@ import pandas as pd
 
 from kvbench.stats import MIN_TEST_SAMPLES
 
-QUALITY = ("bleu", "chrf", "perplexity")  # blanked in .tex when quality_meaningful is False
+QUALITY = ("bleu", "chrf", "perplexity", "accuracy")  # blanked in .tex when quality_meaningful is False
 # (cell column, .tex header, "max"/"min" = which value is best and bold, None = never bold)
 TEX_METRICS = [
     ("bleu", "BLEU", "max"), ("bleu_ci", r"95\% CI", None), ("chrf", "chrF", "max"),
     ("bleu_delta", r"$\Delta$BLEU", None), ("bleu_p_value", "$p_{bs}$", None), ("bleu_p_ar", "$p_{ar}$", None),
     ("al", "AL", "min"), ("laal", "LAAL", "min"), ("perplexity", "PPL", "min"), ("ppl_ci", r"95\% CI", None),
-    ("ppl_increase_pct", r"PPL +\%", None),
+    ("ppl_increase_pct", r"PPL +\%", None), ("accuracy", "acc.", "max"), ("acc_ci", r"95\% CI", None),
     ("decode_ms_median", "ms/tok (med.)", "min"), ("decode_ms_p90", "ms/tok (p90)", "min"),
     ("speedup_vs_full", "speedup", None), ("compression_vs_full", "compr.", None),
     ("cache_bytes_peak", "cache peak", "min"),
@@ -37,6 +37,8 @@ def _fmt(col: str, v, scale: float = 1.0, n_resamples: float = 1000) -> str:
         return f"$<${1 / n_resamples:.3g}" if v < 1 / n_resamples else f"{v:.3f}"
     if col == "bleu_delta":
         return f"{v:+.2f}"
+    if col == "acc_ci":
+        return f"[{v[0]:.2f}, {v[1]:.2f}]"
     if col in ("bleu_ci", "ppl_ci"):
         return f"[{v[0]:.3g}, {v[1]:.3g}]" if col == "ppl_ci" else f"[{v[0]:.1f}, {v[1]:.1f}]"
     if col == "perplexity" and v >= 1000:
@@ -50,7 +52,7 @@ def _blank(cells: pd.DataFrame) -> pd.DataFrame:
     for q in QUALITY:
         if q in c and "quality_meaningful" in c:
             c.loc[~c["quality_meaningful"].astype(bool), q] = np.nan
-    for col, pre in (("bleu_ci", "bleu"), ("ppl_ci", "perplexity")):
+    for col, pre in (("bleu_ci", "bleu"), ("ppl_ci", "perplexity"), ("acc_ci", "accuracy")):
         if f"{pre}_ci_low" in c:
             c[col] = [None if pd.isna(lo) else (lo, hi) for lo, hi in zip(c[f"{pre}_ci_low"], c[f"{pre}_ci_high"])]
             if pre in c:  # no CI where the score itself is blanked (random weights)

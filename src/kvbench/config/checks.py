@@ -57,9 +57,10 @@ def _check_methods(cfg: dict) -> dict:
 
 def _check_dataset_entries(cfg: dict) -> None:
     for name, ds in cfg["datasets"].items():
-        unused = [k for k in HF_ONLY if k in ds] if ds.get("source", "synthetic") == "synthetic" else []
+        src = ds.get("source", "synthetic")
+        unused = [k for k in HF_ONLY if k in ds] if src != "hf" else []
         if unused:
-            warn(f"config key 'datasets/{name}': a synthetic dataset ignores {', '.join(unused)} (they are for "
+            warn(f"config key 'datasets/{name}': a {src} dataset ignores {', '.join(unused)} (they are for "
                  f"source: hf)")
         if ds.get("n_samples", 4) > MAX_SAMPLES:
             raise ConfigError(f"config key 'datasets/{name}/n_samples': {ds['n_samples']} documents per cell is "

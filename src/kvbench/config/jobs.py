@@ -9,7 +9,10 @@ from ..job import Job
 
 
 def dataset_kind(ds: dict) -> str:
-    """`parallel` (translation pairs: synthetic, or hf with a target language) or `text`."""
+    """`parallel` (translation pairs: synthetic, or hf with a target language), `haystack` (generated
+    filler for the long-context tasks) or `text`."""
+    if ds.get("source") == "haystack":
+        return "haystack"
     return "parallel" if ds.get("tgt_lang") or ds.get("source", "synthetic") == "synthetic" else "text"
 
 

@@ -18,13 +18,15 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-READS = ("cells", "heads", "models")
+READS = ("cells", "rows", "heads", "models")
 
 
 @dataclass(frozen=True)
 class Figure:
-    """`reads`: `cells` (the cell table of the raw results of `tasks`), `heads` (the head-profile
-    Parquets) or `models` (folders of the models trained here). `plot(data, out_dir)` -> paths written."""
+    """`reads`: `cells` (the cell table of the raw results of `tasks`), `rows` (those raw results
+    themselves, one row per sample: for a figure of a quantity within a cell, e.g. niah's depth),
+    `heads` (the head-profile Parquets) or `models` (folders of the models trained here).
+    `plot(data, out_dir)` -> paths written."""
 
     name: str
     tasks: tuple[str, ...]
@@ -44,8 +46,8 @@ REGISTRY: dict[str, Figure] = {}
 def register(fig: Figure) -> Figure:
     if fig.reads not in READS:
         raise ValueError(f"figure {fig.name}: reads must be one of {READS}, got {fig.reads!r}")
-    if fig.reads != "cells" and fig.tasks:
-        raise ValueError(f"figure {fig.name}: only a figure of cells reads raw results (tasks)")
+    if fig.reads not in ("cells", "rows") and fig.tasks:
+        raise ValueError(f"figure {fig.name}: only a figure of cells or rows reads raw results (tasks)")
     REGISTRY[fig.name] = fig
     return fig
 
@@ -55,8 +57,10 @@ for _m in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_m.name}")
 
 
-def write_all(cells, heads_files: list[str], out_dir: str, model_dirs: list[str] | None = None) -> list[str]:
-    """Every figure of cells and heads (and of models when `model_dirs` is given); the paths written."""
+def write_all(cells, heads_files: list[str], out_dir: str, model_dirs: list[str] | None = None,
+              rows=None) -> list[str]:
+    """Every figure of cells and heads (and of models when `model_dirs` is given, of raw rows when
+    `rows` is); the paths written."""
     os.makedirs(out_dir, exist_ok=True)
-    data = {"cells": cells, "heads": list(heads_files), "models": model_dirs}
+    data = {"cells": cells, "rows": rows, "heads": list(heads_files), "models": model_dirs}
     return [p for f in REGISTRY.values() if data[f.reads] is not None for p in f.draw(data[f.reads], out_dir)]

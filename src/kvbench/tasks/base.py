@@ -8,7 +8,8 @@ Class attributes say what the rest of the pipeline needs to know, so nothing bra
 - `translation`: reads documents with a reference target and a language pair; its cells are corpus
   BLEU/chrF with the paired tests against `full`;
 - `kinds`: the dataset kinds it runs on by default (`parallel`: translation pairs, synthetic
-  included; `text`: plain text such as WikiText or PG19);
+  included; `text`: plain text such as WikiText or PG19; `haystack`: the generated filler documents of
+  a `source: haystack` dataset, which the long-context tasks build their samples from);
 - `columns`: the row columns `run` fills (each one a column of kvbench.schema);
 - `extra_positions_from`: parameters that add positions after the document (latency's decode steps).
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 REGISTRY: dict[str, type[Task]] = {}
-KINDS = ("parallel", "text")
+KINDS = ("parallel", "text", "haystack")
 
 
 def param(default, *, minimum: int | None = None, help: str = "", filled: bool = False):
@@ -41,7 +42,8 @@ class Task:
     order: ClassVar[int] = 100
     summary: ClassVar[str] = ""
     translation: ClassVar[bool] = False
-    kinds: ClassVar[tuple[str, ...]] = KINDS
+    kinds: ClassVar[tuple[str, ...]] = ("parallel", "text")
+    builtin: ClassVar[bool] = True  # runs on the builtin model (False: needs a hub model's tokenizer)
     columns: ClassVar[tuple[str, ...]] = ()
     extra_positions_from: ClassVar[tuple[str, ...]] = ()
 
