@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_registered_in_table_order_without_torch():
     assert tasks.TASKS == ("translate_stream", "translate_batch", "ppl", "latency", "niah", "ruler_niah_multikey",
-                           "ruler_niah_multivalue", "ruler_vt", "ruler_cwe")
+                           "ruler_niah_multivalue", "ruler_vt", "ruler_cwe", "longbench", "infinitebench", "loogle")
     # config validation, aggregation and figure planning read the registry: it must stay light
     code = "import sys, kvbench.tasks; print(sorted({'torch', 'pandas', 'matplotlib'} & set(sys.modules)))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -35,7 +35,7 @@ def test_parameters_defaults_and_readers():
     p = parameters()
     assert {k: (f.default, f.metadata["minimum"]) for k, f in p.items()} == {
         "wait_k": (5, 1), "target_offset": (0, 0), "n_decode": (32, 1), "warmup": (4, 0), "n_depths": (5, 2),
-        "query_first": (False, None)}
+        "query_first": (False, None), "max_new_tokens": (0, 0)}
     assert tasks.base.fields("translate_batch") == ("target_offset",)
     assert tasks.base.fields("latency") == ("wait_k", "target_offset", "n_decode", "warmup")
 

@@ -23,6 +23,7 @@ CELL_COLUMNS = KEYS + [
     "budget_bytes", "budget_tokens", "layout", "compute", "method_type", "wall_seconds",
     "max_position", "model_max_positions", "quality_meaningful", "bleu_ci_low", "bleu_ci_high", "chrf_ci_low",
     "chrf_ci_high", "perplexity_ci_low", "perplexity_ci_high", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
+    "score", "score_ci_low", "score_ci_high", "metric",
     "bleu_delta", "bleu_p_value", "bleu_p_ar",
     "significance", "n_paired", "n_resamples", "speedup_vs_full", "compression_vs_full",
     "ppl_increase_pct", "bleu_signature", "chrf_signature"]

@@ -12,6 +12,11 @@ Sources:
   `sent_ends`; `n_tokens` counts the teacher-forced stream as for `synthetic`); for any other
   tokenizer, the plain English sentences of `kvbench.longctx.haystack.SyntheticFiller` (`target`
   empty). The tasks place their needle (or RULER's needles) in this filler at run time.
+- `longbench`, `infinitebench`, `loogle`: one document per sample of that benchmark's `subset`
+  (`kvbench.longctx.loaders`: the hub dataset, or `path`/`data_files`/`split` in its real layout),
+  in the order the split holds them: `source` is the sample's whole context (the task cuts it to the
+  job's length at run time, in the middle, as LongBench does), and `sample` holds the rest (question,
+  reference answers, metric, options, classes). `n_tokens` counts the context, capped at `length`.
 - `hf`: anything `datasets.load_dataset` reads, in the real datasets' own column layout. The
   dataset's `kind` says how rows become documents (config key; inferred from the layout if absent):
   - `translation`: rows are sentence pairs ({"translation": {"en": ..., "fr": ...}}, IWSLT-17 /
@@ -39,6 +44,8 @@ from . import synth
 from .io import atomic_path
 
 FIELDS = ("id", "src_lang", "tgt_lang", "source", "target", "sent_ends", "n_tokens", "length")
+OPTIONAL = ("sample",)  # written when a document has it (the long-context benchmarks' samples)
+BENCHMARKS = ("longbench", "infinitebench", "loogle")  # dataset sources read by kvbench.longctx.loaders
 KINDS = ("translation", "paragraphs", "books")
 OVERHEAD = 32  # tokens allowed for the prompt and markers: a conservative allowance
 INFER_ROWS = 200  # rows looked at to tell a paragraph stream from one-document-per-row
@@ -48,7 +55,8 @@ def _dump(docs: list[dict], out: str) -> None:
     with atomic_path(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for d in docs:
-                f.write(json.dumps({k: d[k] for k in FIELDS}, ensure_ascii=False, sort_keys=True) + "\n")
+                keep = FIELDS + tuple(k for k in OPTIONAL if k in d)
+                f.write(json.dumps({k: d[k] for k in keep}, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def synthetic_docs(length: int, n: int, seed: int) -> list[dict]:
@@ -106,6 +114,29 @@ def haystack_docs(length: int, n: int, seed: int, tokenizer) -> list[dict]:
         m, tok = counter.fit(words, length)
         out.append(dict(id=i, src_lang=None, tgt_lang=None, source=" ".join(words[:m]), target="",
                         sent_ends=[e for e in ends if e < m] + [m], n_tokens=tok, length=length))
+    return out
+
+
+def benchmark_docs(cfg: dict, length: int, n: int, tokenizer) -> list[dict]:
+    """The first `n` samples of a long-context benchmark's subset as documents (module docstring)."""
+    import dataclasses
+
+    from .longctx.loaders import LOADERS
+
+    src = cfg["source"]
+    if not cfg.get("subset"):
+        raise ValueError(f"a {src} dataset needs `subset` (the benchmark's task, e.g. hotpotqa)")
+    kw = {k: cfg[k] for k in ("path", "data_files", "split") if k in cfg}
+    samples = LOADERS[src](cfg["subset"], limit=n, **kw)
+    counter = _Counter(tokenizer)
+    out = []
+    for i, s in enumerate(samples):
+        if not s.context.strip():
+            raise ValueError(f"{src} {cfg['subset']}: sample {s.id!r} has an empty context")
+        sample = {k: v for k, v in dataclasses.asdict(s).items() if k != "context"}
+        sample = json.loads(json.dumps(sample, ensure_ascii=False, default=list))  # tuples -> lists, JSON-safe
+        out.append(dict(id=i, src_lang=None, tgt_lang=None, source=s.context, target="", sent_ends=[],
+                        n_tokens=min(length, counter.text(s.context)), length=length, sample=sample))
     return out
 
 
@@ -311,7 +342,8 @@ def _hf_docs(cfg: dict, length: int, n: int, tokenizer) -> tuple[list[dict], str
 def _shortfall(kind: str) -> str:
     return {"books": "full documents from each row's start; a shorter row gives none, rows are not joined",
             "paragraphs": "the text stream holds fewer full documents at this length",
-            "translation": "the split holds too few sentence pairs for that many full documents"}.get(kind, "")
+            "translation": "the split holds too few sentence pairs for that many full documents",
+            **{b: "the subset holds fewer samples" for b in BENCHMARKS}}.get(kind, "")
 
 
 def make_data(cfg: dict, length: int, n: int, seed: int, out: str, tokenizer=None,
@@ -335,6 +367,10 @@ def make_data(cfg: dict, length: int, n: int, seed: int, out: str, tokenizer=Non
         if tokenizer is None:
             raise ValueError("haystack documents are built to a token length: pass the model (--model DIR)")
         docs = haystack_docs(length, n, seed, tokenizer)
+    elif src in BENCHMARKS:
+        if tokenizer is None:
+            raise ValueError(f"{src} documents are counted in tokens: pass the model (--model DIR)")
+        docs, kind = benchmark_docs(cfg, length, n, tokenizer), src
     elif src == "hf":
         if tokenizer is None:
             raise ValueError("hf datasets are built to a token length: pass the model (--model DIR)")
@@ -344,7 +380,7 @@ def make_data(cfg: dict, length: int, n: int, seed: int, out: str, tokenizer=Non
             where = f"{cfg.get('path')!r}" + (f" (data_files {cfg['data_files']!r})" if cfg.get("data_files") else "")
             raise ValueError(f"dataset {where}: not UTF-8 text ({e})") from None
     else:
-        raise ValueError(f"unknown dataset source {src!r}; use 'synthetic', 'hf' or 'haystack'")
+        raise ValueError(f"unknown dataset source {src!r}; use 'synthetic', 'hf', 'haystack' or one of {list(BENCHMARKS)}")
     if len(docs) < n and (not cfg.get("allow_fewer", False) or not docs):
         raise ValueError(f"dataset {label}, length {length}: made {len(docs)} of {n} documents asked for "
                          f"(kind {kind}: {_shortfall(kind)}); lower n_samples or the length, use a larger split, "

@@ -13,7 +13,9 @@ need attention scores cost 1.1x per step and quantized ones 1.3x (their CPU over
 bench/decode.py). The forward count per document follows each task's loop: streaming translation
 and token-by-token perplexity of evicting methods take one forward per token, `full` perplexity
 one per chunk, batch translation one per target token after a chunked prefill, latency a chunked
-prefill plus warm-up and measured steps. The overhead is a ~30-layer model's, so tiny models (the
+prefill plus warm-up and measured steps, and the long-context tasks (niah, ruler, longbench, ...) read
+their context as perplexity does (chunks for `full`, token by token when evicting), then generate their
+answer. The overhead is a ~30-layer model's, so tiny models (the
 builtin one) are overestimated. Real runs differ with the card, the attention kernel and
 the document lengths a dataset really gives.
 """
@@ -55,6 +57,7 @@ def _step(params: float, tokens: int, bytes_per_param: float) -> float:
 
 def job_seconds(cfg: dict, job, params: float) -> float:
     """Estimated seconds of one eval job (all its documents) on one GPU."""
+    from . import tasks
     from .methods import REGISTRY
     from .methods.haq_kv import QuantMethod
 
@@ -74,6 +77,8 @@ def job_seconds(cfg: dict, job, params: float) -> float:
     elif job.task == "latency":
         t = cfg.get("tasks", {}).get("latency", {})
         per_doc = prefill + (int(t.get("warmup", 4)) + int(t.get("n_decode", 32))) * one
+    elif tasks.get(job.task).reads_context:  # niah, ruler, the long-context benchmarks: read, then answer
+        per_doc = (prefill if job.budget.is_full else L * one) + tasks.get(job.task).answer_tokens * one
     else:
         per_doc = L * one
     return per_doc * n_docs * factor

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 4
-KNOWN_VERSIONS = (1, 2, 3, 4)
+SCHEMA_VERSION = 5
+KNOWN_VERSIONS = (1, 2, 3, 4, 5)
 # columns a version added: a file of an older known version reads with them null
 ADDED_IN = {2: ("max_position", "model_max_positions"), 3: ("transient_bytes_peak",),
             4: ("depth", "depth_actual", "needle_position", "prediction", "expected", "score", "query_first",
-                "subtask")}
+                "subtask"),
+            5: ("metric", "context_tokens", "context_tokens_total")}
 
 # name -> arrow type. Nullable everywhere: a column that does not apply to a task is null
 # (e.g. BLEU inputs for `ppl`, NLL for `translate_stream`).
@@ -56,10 +57,13 @@ COLUMNS: dict[str, pa.DataType] = {
     "depth_actual": pa.float64(),  # niah: share of the filler tokens before the needle (where it really is)
     "needle_position": pa.int64(),  # niah: index of the needle's first token in the token stream fed
     "prediction": pa.string(),  # the generated answer
-    "expected": pa.string(),  # niah: the value; ruler: the reference answers as a JSON list
-    "score": pa.float64(),  # per-sample score in [0, 1] (niah: 0/1 exact match; ruler: string_match_all)
+    "expected": pa.string(),  # niah: the value; ruler, longbench, infinitebench, loogle: the references as a JSON list
+    "score": pa.float64(),  # per-sample score in [0, 1] (niah: 0/1 exact match; ruler: string_match_all; benchmarks: `metric`)
+    "metric": pa.string(),  # longbench, infinitebench, loogle: the subset's official metric (kvbench.longctx.scoring)
+    "context_tokens": pa.int64(),  # longbench, infinitebench, loogle: context tokens fed (after the middle cut)
+    "context_tokens_total": pa.int64(),  # ... and the whole context's tokens
     "query_first": pa.bool_(),  # niah: the question came before the context
-    "subtask": pa.string(),  # ruler: the RULER task
+    "subtask": pa.string(),  # ruler: the RULER task; longbench, infinitebench, loogle: the benchmark's subset
     "quality_meaningful": pa.bool_(),  # False for random-weight models
     # memory: summed from the tensors the cache really holds
     "tokens_processed": pa.int64(),  # tokens fed through the model for this sample

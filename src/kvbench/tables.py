@@ -10,13 +10,14 @@ import pandas as pd
 
 from kvbench.stats import MIN_TEST_SAMPLES
 
-QUALITY = ("bleu", "chrf", "perplexity", "accuracy")  # blanked in .tex when quality_meaningful is False
+QUALITY = ("bleu", "chrf", "perplexity", "accuracy", "score")  # blanked in .tex when quality_meaningful is False
 # (cell column, .tex header, "max"/"min" = which value is best and bold, None = never bold)
 TEX_METRICS = [
     ("bleu", "BLEU", "max"), ("bleu_ci", r"95\% CI", None), ("chrf", "chrF", "max"),
     ("bleu_delta", r"$\Delta$BLEU", None), ("bleu_p_value", "$p_{bs}$", None), ("bleu_p_ar", "$p_{ar}$", None),
     ("al", "AL", "min"), ("laal", "LAAL", "min"), ("perplexity", "PPL", "min"), ("ppl_ci", r"95\% CI", None),
     ("ppl_increase_pct", r"PPL +\%", None), ("accuracy", "acc.", "max"), ("acc_ci", r"95\% CI", None),
+    ("score", "score", "max"), ("score_ci", r"95\% CI", None),
     ("decode_ms_median", "ms/tok (med.)", "min"), ("decode_ms_p90", "ms/tok (p90)", "min"),
     ("speedup_vs_full", "speedup", None), ("compression_vs_full", "compr.", None),
     ("cache_bytes_peak", "cache peak", "min"),
@@ -37,7 +38,7 @@ def _fmt(col: str, v, scale: float = 1.0, n_resamples: float = 1000) -> str:
         return f"$<${1 / n_resamples:.3g}" if v < 1 / n_resamples else f"{v:.3f}"
     if col == "bleu_delta":
         return f"{v:+.2f}"
-    if col == "acc_ci":
+    if col in ("acc_ci", "score_ci"):
         return f"[{v[0]:.2f}, {v[1]:.2f}]"
     if col in ("bleu_ci", "ppl_ci"):
         return f"[{v[0]:.3g}, {v[1]:.3g}]" if col == "ppl_ci" else f"[{v[0]:.1f}, {v[1]:.1f}]"
@@ -52,7 +53,7 @@ def _blank(cells: pd.DataFrame) -> pd.DataFrame:
     for q in QUALITY:
         if q in c and "quality_meaningful" in c:
             c.loc[~c["quality_meaningful"].astype(bool), q] = np.nan
-    for col, pre in (("bleu_ci", "bleu"), ("ppl_ci", "perplexity"), ("acc_ci", "accuracy")):
+    for col, pre in (("bleu_ci", "bleu"), ("ppl_ci", "perplexity"), ("acc_ci", "accuracy"), ("score_ci", "score")):
         if f"{pre}_ci_low" in c:
             c[col] = [None if pd.isna(lo) else (lo, hi) for lo, hi in zip(c[f"{pre}_ci_low"], c[f"{pre}_ci_high"])]
             if pre in c:  # no CI where the score itself is blanked (random weights)
@@ -84,7 +85,10 @@ def study_tex(cells: pd.DataFrame, name: str) -> str:
     over = (c["cache_bytes_peak"] > c["budget_bytes"] * 1.0001 if {"cache_bytes_peak", "budget_bytes"} <= set(c)
             else pd.Series(False, index=c.index))
     ids = ["task", "model", "dataset", "length", "budget", "method"]
-    fixed = [k for k in ids[:3] if len(c) and c[k].nunique() == 1]
+    if "metric" in c and c["metric"].notna().any():  # the benchmarks' score: name its metric
+        ids.insert(3, "metric")
+        c["metric"] = c["metric"].fillna("--")
+    fixed = [k for k in ids[:4 if "metric" in ids else 3] if len(c) and c[k].nunique() == 1]
     shown = [k for k in ids if k not in fixed]
     metrics = [(m, h, b) for m, h, b in TEX_METRICS
                if m in c and (c[m].notna().any() or (m.startswith("bleu_p") and too_few.any()))]

@@ -55,16 +55,38 @@ def _check_methods(cfg: dict) -> dict:
     return pols
 
 
+BENCHMARK_KEYS = ("path", "split", "data_files")  # what a long-context benchmark source reads besides `subset`
+
+
 def _check_dataset_entries(cfg: dict) -> None:
+    from ..data import BENCHMARKS
+
     for name, ds in cfg["datasets"].items():
         src = ds.get("source", "synthetic")
-        unused = [k for k in HF_ONLY if k in ds] if src != "hf" else []
+        reads = HF_ONLY if src == "hf" else BENCHMARK_KEYS + ("subset",) if src in BENCHMARKS else ()
+        unused = [k for k in HF_ONLY + ("subset",) if k in ds and k not in reads]
         if unused:
-            warn(f"config key 'datasets/{name}': a {src} dataset ignores {', '.join(unused)} (they are for "
-                 f"source: hf)")
+            warn(f"config key 'datasets/{name}': a {src} dataset ignores {', '.join(unused)}")
+        if src in BENCHMARKS:
+            _check_subset(name, src, ds.get("subset"))
         if ds.get("n_samples", 4) > MAX_SAMPLES:
             raise ConfigError(f"config key 'datasets/{name}/n_samples': {ds['n_samples']} documents per cell is "
                               f"more than {MAX_SAMPLES}")
+
+
+def _check_subset(name: str, src: str, subset) -> None:
+    """A long-context benchmark's subset is one whose official metric kvbench has (no download)."""
+    from ..longctx import loaders
+
+    if not subset:
+        raise ConfigError(f"config key 'datasets/{name}/subset': a {src} dataset needs the benchmark's subset "
+                          f"(e.g. hotpotqa)")
+    known = {"longbench": loaders.LONGBENCH_METRICS, "infinitebench": loaders.INFINITEBENCH_METRICS,
+             "loogle": loaders.LOOGLE_METRICS}[src]
+    base = subset[:-2] if src == "longbench" and subset.endswith("_e") else subset
+    if base not in known:
+        raise ConfigError(f"config key 'datasets/{name}/subset': {src} subset {subset!r} is not supported (no "
+                          f"official metric in kvbench.longctx.scoring, or unknown); supported: {sorted(known)}")
 
 
 def _check_task_positions(cfg: dict, geoms: dict) -> None:

@@ -10,9 +10,12 @@ from ..job import Job
 
 def dataset_kind(ds: dict) -> str:
     """`parallel` (translation pairs: synthetic, or hf with a target language), `haystack` (generated
-    filler for the long-context tasks) or `text`."""
-    if ds.get("source") == "haystack":
-        return "haystack"
+    filler for the long-context tasks), a long-context benchmark (`longbench`, `infinitebench`, `loogle`:
+    the kind is the source) or `text`."""
+    from ..data import BENCHMARKS
+
+    if ds.get("source") == "haystack" or ds.get("source") in BENCHMARKS:
+        return ds["source"]
     return "parallel" if ds.get("tgt_lang") or ds.get("source", "synthetic") == "synthetic" else "text"
 
 

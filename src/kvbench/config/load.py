@@ -149,14 +149,17 @@ def validate_config(cfg) -> dict:
 
 def _apply_scale(cfg: dict) -> None:
     """`scale: s` multiplies every study's lengths and integer budgets by s (rounded; the smoke run of a
-    paper grid), then becomes 1, so validating the same dict twice scales it once."""
-    s = cfg.get("scale", 1)
-    if s == 1:
-        return
+    paper grid); a study's own `scale` replaces it for that study (a task whose smallest sample needs more
+    tokens than s leaves). Each then becomes 1, so validating the same dict twice scales it once."""
+    top = cfg.get("scale", 1)
     for st in cfg["studies"].values():
-        st["lengths"] = sorted({max(1, round(L * s)) for L in st["lengths"]})
-        if "budgets" in st:
-            st["budgets"] = [b if str(b) == "full" else max(1, round(int(b) * s)) for b in st["budgets"]]
+        s = st.get("scale", top)
+        if s != 1:
+            st["lengths"] = sorted({max(1, round(L * s)) for L in st["lengths"]})
+            if "budgets" in st:
+                st["budgets"] = [b if str(b) == "full" else max(1, round(int(b) * s)) for b in st["budgets"]]
+        if "scale" in st:
+            st["scale"] = 1
     cfg["scale"] = 1
 
 

@@ -9,9 +9,11 @@ Class attributes say what the rest of the pipeline needs to know, so nothing bra
   BLEU/chrF with the paired tests against `full`;
 - `kinds`: the dataset kinds it runs on by default (`parallel`: translation pairs, synthetic
   included; `text`: plain text such as WikiText or PG19; `haystack`: the generated filler documents of
-  a `source: haystack` dataset, which the long-context tasks build their samples from);
+  a `source: haystack` dataset, which the long-context tasks build their samples from; `longbench`,
+  `infinitebench`, `loogle`: the samples of that benchmark's datasets);
 - `columns`: the row columns `run` fills (each one a column of kvbench.schema);
-- `extra_positions_from`: parameters that add positions after the document (latency's decode steps).
+- `extra_positions_from`: parameters that add positions after the document (latency's decode steps);
+- `reads_context`, `answer_tokens`: a long context read, then a short answer (GPU-hour estimates).
 
 Task parameters form one namespace: a config's `tasks.NAME` section may name the parameter of any
 task (a task ignores, with a warning, those it does not read), so a name declared by two tasks must
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 REGISTRY: dict[str, type[Task]] = {}
-KINDS = ("parallel", "text", "haystack")
+KINDS = ("parallel", "text", "haystack", "longbench", "infinitebench", "loogle")
 
 
 def param(default, *, minimum: int | None = None, help: str = "", filled: bool = False):
@@ -46,6 +48,10 @@ class Task:
     builtin: ClassVar[bool] = True  # runs on the builtin model (False: needs a hub model's tokenizer)
     columns: ClassVar[tuple[str, ...]] = ()
     extra_positions_from: ClassVar[tuple[str, ...]] = ()
+    # a long context read, then a short answer (niah, ruler, the benchmarks): `full` prefills it in chunks,
+    # evicting methods read it token by token; about `answer_tokens` are generated (kvbench.estimate)
+    reads_context: ClassVar[bool] = False
+    answer_tokens: ClassVar[int] = 0
 
     # ---- running one sample ------------------------------------------------------------------------
     def run(self, session, prompter, doc: dict) -> dict:

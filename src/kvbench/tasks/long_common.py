@@ -115,3 +115,19 @@ class AccuracyCells(Task):
         from ..stats import mean_ci
 
         return mean_ci(g.sort_values("sample_id")["score"].dropna().astype(float), n_resamples, seed, "accuracy")
+
+
+class ScoreCells(Task):
+    """Cells of a task whose rows hold a per-sample `score` in [0, 1] under a named `metric` (a
+    benchmark's F1, ROUGE, exact match...): the mean (`score`, with the metric named in the cell) and
+    its 95% percentile bootstrap CI over samples. Not called accuracy: most of these metrics are not."""
+
+    def cell(self, g) -> dict:
+        s = g["score"].dropna()
+        metric = "+".join(sorted({str(m) for m in g["metric"].dropna()})) if "metric" in g else None
+        return {"score": float(s.mean()), "metric": metric or None} if len(s) else {}
+
+    def cell_ci(self, g, n_resamples: int, seed: int) -> dict:
+        from ..stats import mean_ci
+
+        return mean_ci(g.sort_values("sample_id")["score"].dropna().astype(float), n_resamples, seed, "score")

@@ -166,6 +166,8 @@ class Niah(AccuracyCells, TargetGroup, WaitK):
     summary = "needle in a haystack: a value retrieved from depth d of the context"
     kinds = ("haystack",)
     columns = COLUMNS
+    reads_context = True
+    answer_tokens = NEW_TOKENS
 
     n_depths: int = param(5, minimum=2, help="needle depths 0, 1/(n-1), ..., 1 of the context; document i takes "
                                             "depth i mod n")

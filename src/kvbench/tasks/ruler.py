@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..longctx import ruler as lruler
 from ..longctx.ruler import TASKS as SUBTASKS
 from .base import register
 from .long_common import AccuracyCells, Sample, counter, decode_greedy, encode, frame, one_group, sample_seed
@@ -59,6 +60,7 @@ class RulerTask(AccuracyCells):
     kinds = ("haystack",)
     builtin = False  # English instructions: refused on the builtin model (`positions`, before it loads)
     columns = ("subtask", "prediction", "expected", "score")
+    reads_context = True
 
     def positions(self, prompter, doc: dict) -> tuple[int, int]:
         s, _ = ruler_sample(prompter, doc, self.subtask)
@@ -81,4 +83,5 @@ for _i, (_sub, _summary) in enumerate((
     assert _sub in SUBTASKS
     register(dataclass(frozen=True)(type(f"Ruler_{_sub}", (RulerTask,), {
         "name": f"ruler_{_sub}", "order": 6 + _i, "summary": _summary, "subtask": _sub,
+        "answer_tokens": lruler.TOKENS_TO_GENERATE[_sub],
         "__module__": __name__, "__doc__": f"`ruler_{_sub}`: {_summary}."})))
