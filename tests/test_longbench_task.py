@@ -203,3 +203,21 @@ def test_cells_report_the_mean_score_and_name_the_metric():
     assert 0 <= ci["score_ci_low"] <= 0.5 <= ci["score_ci_high"] <= 1
     assert "accuracy" not in t.cell(rows)
     assert scoring.METRICS["qa_f1"]("Marta Velez", ["Marta Velez"]) == 1.0
+
+
+# predictions that separate the metrics: each scores 1 only under its subset's official scorer
+# (SQuAD normalisation, LongBench's first-line cut for trec, InfiniteBench's first integer and letter)
+CRAFTED = [("longbench", "hotpotqa", "The Marta Velez!", 1.0),
+           ("longbench", "trec", "Human being\nLocation", 1.0),  # 0.5 without the first-line cut
+           ("infinitebench", "passkey", "The pass key is 68341.", 1.0),  # qa_f1 would give 0.4
+           ("infinitebench", "longbook_choice_eng", "B", 1.0)]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("bench,subset,prediction,want", CRAFTED)
+def test_each_subset_is_scored_by_its_own_metric(twin, tmp_path, bench, subset, prediction, want, monkeypatch):
+    model, tok, p = twin
+    d = _docs(tok, tmp_path, bench, subset)[0]
+    monkeypatch.setattr(p, "decode", lambda ids: prediction)
+    row = tasks.from_params(bench, {"max_new_tokens": 1}).run(Session(model, REGISTRY["full"](), None, 64), p, d)
+    assert row["score"] == want
