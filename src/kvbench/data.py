@@ -366,7 +366,7 @@ def make_data(cfg: dict, length: int, n: int, seed: int, out: str, tokenizer=Non
     elif src == "haystack":
         if tokenizer is None:
             raise ValueError("haystack documents are built to a token length: pass the model (--model DIR)")
-        docs = haystack_docs(length, n, seed, tokenizer)
+        docs, kind = haystack_docs(length, n, seed, tokenizer), "haystack"
     elif src in BENCHMARKS:
         if tokenizer is None:
             raise ValueError(f"{src} documents are counted in tokens: pass the model (--model DIR)")
