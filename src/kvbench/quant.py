@@ -96,6 +96,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 _LITTLE = sys.byteorder == "little"
+_SHIFTS: dict = {}  # (bits, device) -> int32 shifts of the codes in a word (unpack_float)
 
 
 def unpack_float(packed: torch.Tensor, bits: int, n: int) -> tuple[torch.Tensor, int]:
@@ -108,7 +109,10 @@ def unpack_float(packed: torch.Tensor, bits: int, n: int) -> tuple[torch.Tensor,
     out = t * n * 4
     if bits == 8:
         return packed[:, :n].float(), out
-    shifts = torch.arange(0, 32 if bits != 3 else 24, bits, dtype=torch.int32, device=packed.device)
+    shifts = _SHIFTS.get((bits, packed.device))
+    if shifts is None:
+        shifts = _SHIFTS[bits, packed.device] = torch.arange(0, 24 if bits == 3 else 32, bits, dtype=torch.int32,
+                                                             device=packed.device)
     if bits in (2, 4) and _LITTLE and p % 4 == 0 and packed.is_contiguous():
         w = packed.view(torch.int32)[:, :, None]  # (T, P/4, 1), a view
         extra = 0

@@ -207,17 +207,18 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling):
     mask, softcap = _window_mask(module, store, store.mask(seq, role == ROLE_TARGET, ROLE_TARGET))  # (Hkv, n, C)
     want_p = store.score is not None or store.recorded is not None
     probs = query.new_zeros(hkv, g * n, mask.shape[-1], dtype=torch.float32) if want_p else None
-    q = query[0].reshape(hkv, g * n, d).float()  # query heads grouped by KV head: row = i * n + t
+    # query heads grouped by KV head (row = i * n + t), scaled once: logits come out scaled
+    q = query[0].reshape(hkv, g * n, d).float() * scaling
     out = torch.empty(hkv, g * n, d, dtype=torch.float32, device=query.device)
     whole = want_p or g * n * mask.shape[-1] <= 2 * cache.block * d
     for h in range(hkv):
-        pieces = store.pieces(h, cache.block)
+        pieces, qh = store.pieces(h, cache.block), q[h]
         hidden = ~mask[h, :, :store.n_live[h]]  # (n, L): live slots are a prefix
         if whole:
             x = q.new_empty(g * n, hidden.shape[1])  # (g * n, L) logits
             for s0, w, keys, _ in pieces:
-                x[:, s0:s0 + w] = q[h] @ _read(keys, cache).T
-            p = torch.softmax(_masked(x, scaling, softcap, hidden, g), dim=-1)
+                torch.mm(qh, _read(keys, cache).T, out=x[:, s0:s0 + w])
+            p = torch.softmax(_masked(x, softcap, hidden, g), dim=-1)
             acc = None
             for s0, w, _, values in pieces:
                 v = _read(values, cache)
@@ -226,7 +227,7 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling):
             if want_p:
                 probs[h, :, :p.shape[1]] = p
         else:
-            out[h] = _online_softmax(q[h], pieces, cache, scaling, softcap, hidden, g)
+            out[h] = _online_softmax(qh, pieces, cache, softcap, hidden, g)
     if want_p:
         p = probs.reshape(hkv, g, n, -1)
         store.observe(p.sum(dim=1))
@@ -246,20 +247,19 @@ def _read(part, cache) -> torch.Tensor:
     return x
 
 
-def _masked(x, scaling, softcap, hidden, g):
-    """Logits x (g * n, w) = q.K: scaled, soft-capped, hidden (n, w) slots at -inf (in place)."""
-    x.mul_(scaling)
+def _masked(x, softcap, hidden, g):
+    """Logits x (g * n, w): soft-capped, hidden (n, w) slots at -inf (in place)."""
     if softcap is not None:
         x = torch.tanh(x / softcap) * softcap
     return x.view(g, *hidden.shape).masked_fill_(hidden, float("-inf")).view(x.shape)
 
 
-def _online_softmax(q, pieces, cache, scaling, softcap, hidden, g):
+def _online_softmax(q, pieces, cache, softcap, hidden, g):
     """q (g * n, D) float32 against a head's pieces -> (g * n, D), one piece's K or V alive at a time."""
     neg = float("-inf")
     m = den = acc = None
     for s0, w, keys, values in pieces:
-        x = _masked(q @ _read(keys, cache).T, scaling, softcap, hidden[:, s0:s0 + w], g)
+        x = _masked(q @ _read(keys, cache).T, softcap, hidden[:, s0:s0 + w], g)
         top = x.amax(-1, keepdim=True) if m is None else torch.maximum(m, x.amax(-1, keepdim=True))
         safe = top.masked_fill(top == neg, 0.0)  # a row with nothing visible yet: exp(-inf) = 0
         e = torch.exp(x - safe)

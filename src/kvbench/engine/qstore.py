@@ -142,14 +142,16 @@ class Rows:
 
     def deq32(self, lo: int, hi: int, runs=None) -> tuple[torch.Tensor, int]:
         """Rows lo:hi in float32 for attention, and the bytes the call allocated at its peak (0: a
-        view of a float32 store). Same arithmetic as QTensor.dequantize (codes * scale + zero in
-        float32), done in place on the unpacked codes."""
+        view of a float32 store). The arithmetic of QTensor.dequantize (codes * scale + zero in
+        float32, up to the rounding of a fused multiply-add), in place on the unpacked codes."""
         q = self.q[lo:hi]
         if self.bits == 16:
             x = q.float()
             return x, 0 if x is q else _nb(x)
         c, work = unpack_float(q, self.bits, self.d)
-        c.view(hi - lo, self.d // self.g, self.g).mul_(self.s[lo:hi, :, None]).add_(self.z[lo:hi, :, None])
+        x = c.view(hi - lo, self.d // self.g, self.g)
+        # scales widened first (a small copy): mixed-precision elementwise ops over the block are slow on CPU
+        torch.addcmul(self.z[lo:hi, :, None].float(), x, self.s[lo:hi, :, None].float(), out=x)
         return c, work
 
     def nbytes(self) -> int:
@@ -231,12 +233,12 @@ class ChannelKeys:
 
     def deq32(self, lo: int, hi: int, runs: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, int]:
         """Rows lo:hi (one piece of `spans`) in float32, and the bytes the call allocated at its peak:
-        the same arithmetic as deq (codes * scale + zero in float32), in place on the unpacked codes,
+        the arithmetic of deq (codes * scale + zero in float32), in place on the unpacked codes,
         each run of equal groups rescaled through a broadcast view (no per-row scale tensor)."""
         c, work = unpack_float(self.q[lo:hi], self.bits, self.d)
         for r0, g0, k, gs in runs:
             x = c[r0:r0 + k * gs].view(k, gs, self.d)
-            x.mul_(self.s[g0:g0 + k, None]).add_(self.z[g0:g0 + k, None])
+            torch.addcmul(self.z[g0:g0 + k, None].float(), x, self.s[g0:g0 + k, None].float(), out=x)
         return c, work
 
     def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
