@@ -171,7 +171,7 @@ def test_unpack_float_equals_unpack_codes(bits, n):
     codes = torch.randint(0, 1 << bits, (7, n), generator=g)
     codes[0], codes[1] = 0, (1 << bits) - 1  # extreme codes (the top one sets the int32 sign bit)
     packed = pack_codes(codes, bits)
-    for rows in (packed, packed[2:5]):
+    for rows in (packed, packed[2:5], packed.view(-1)[1:1 + 5 * packed.shape[1]].view(5, -1)):  # last: misaligned words
         got, nbytes = unpack_float(rows, bits, n)
         assert got.dtype == torch.float32 and torch.equal(got, unpack_codes(rows, bits, n).float())
         assert nbytes >= got.numel() * 4

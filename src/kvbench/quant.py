@@ -113,7 +113,7 @@ def unpack_float(packed: torch.Tensor, bits: int, n: int) -> tuple[torch.Tensor,
     if shifts is None:
         shifts = _SHIFTS[bits, packed.device] = torch.arange(0, 24 if bits == 3 else 32, bits, dtype=torch.int32,
                                                              device=packed.device)
-    if bits in (2, 4) and _LITTLE and p % 4 == 0 and packed.is_contiguous():
+    if bits in (2, 4) and _LITTLE and p % 4 == 0 and packed.is_contiguous() and packed.storage_offset() % 4 == 0:
         w = packed.view(torch.int32)[:, :, None]  # (T, P/4, 1), a view
         extra = 0
     elif bits == 3:
