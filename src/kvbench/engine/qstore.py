@@ -40,7 +40,6 @@ are per token and never re-packed. `bytes_bound` prices all of this for budget c
 
 from __future__ import annotations
 
-import bisect
 from functools import partial
 
 import torch
@@ -168,7 +167,6 @@ class ChannelKeys:
         self.s = torch.empty(0, d, dtype=sdt, device=device)  # (n_groups, D)
         self.z = self.s.clone()
         self.size = torch.empty(0, dtype=torch.long, device=device)
-        self._ends = (None, [])
         self._spans = (None, 0, [])
 
     def add(self, x: torch.Tensor) -> None:
@@ -178,27 +176,15 @@ class ChannelKeys:
         self.q, self.s, self.z = (torch.cat(p) for p in ((self.q, t.packed), (self.s, t.scale), (self.z, t.zero)))
         self.size = torch.cat([self.size, self.size.new_full((x.shape[0] // g,), g)])
 
-    def deq(self, dtype, rows: torch.Tensor | None = None, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """Rows `rows` (an index tensor), else rows lo:hi (default all), in `dtype`."""
+    def deq(self, dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `rows` (an index tensor), else every row, in `dtype` (attention reads deq32's pieces)."""
         n = self.q.shape[0]
-        hi = n if hi is None else hi
-        if not n or (rows is None and hi <= lo):
+        if not n:
             return torch.empty(0, self.d, dtype=dtype, device=self.q.device)
         s, z = self.s.float(), self.z.float()  # exact; widened before expanding (half ops are slow on CPU)
-        if rows is None and lo == 0 and hi == n:  # every row: scales expanded group by group, no index tensor
+        if rows is None:  # every row: scales expanded group by group, no index tensor
             q, s, z = self.q, s.repeat_interleave(self.size, dim=0, output_size=n), \
                 z.repeat_interleave(self.size, dim=0, output_size=n)
-        elif rows is None:  # a range of rows: the groups it spans, expanded and trimmed
-            if self._ends[0] is not self.size:  # host copy of the group ends, per version of `size`
-                self._ends = (self.size, torch.cumsum(self.size, 0).tolist())
-            ends = self._ends[1]
-            g0, g1 = bisect.bisect_right(ends, lo), bisect.bisect_left(ends, hi) + 1
-            start = ends[g0] - int(self.size[g0])
-            m = ends[g1 - 1] - start
-            sz = self.size[g0:g1]
-            q = self.q[lo:hi]
-            s = s[g0:g1].repeat_interleave(sz, dim=0, output_size=m)[lo - start:hi - start]
-            z = z[g0:g1].repeat_interleave(sz, dim=0, output_size=m)[lo - start:hi - start]
         else:
             gid = torch.repeat_interleave(torch.arange(len(self.size), device=self.q.device), self.size)[rows]
             q, s, z = self.q[rows], s[gid], z[gid]
