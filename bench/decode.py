@@ -149,7 +149,7 @@ ENGINE_FUNCS = [  # (file suffix, function) -> label; cumulative time per decode
     ("store.py", "append", "      store.append"),
     ("qstore.py", "append", "      QuantKVStore.append (quantize, flush)"),
     ("hf.py", "_attend_blocks", "      _attend_blocks (quantized: online softmax)"),
-    ("qstore.py", "blocks", "        QuantKVStore.blocks (dequantize a block)"),
+    ("qstore.py", "deq32", "        unpack and rescale a piece (Rows/ChannelKeys.deq32)"),
     ("store.py", "observe", "    store.observe (scores)"),
     ("session.py", "_evict", "  Session._evict"),
     ("base.py", "select", "    select (base)"),

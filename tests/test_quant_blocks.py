@@ -4,7 +4,10 @@ Attention over a QuantKVStore dequantizes one block of one head at a time (`Quan
 and combines the blocks with an online softmax (`hf._attend_blocks`). These tests hold it to:
 - the same output and the same attention scores (H2O) as one softmax over the whole dequantized
   cache, at every block size, on a store with every tier (hi, body with partial key groups,
-  residual) and heads of different lengths;
+  residual) and heads of different lengths; both of its paths (two passes over a head's logits,
+  online softmax), one query or several, 2/3/4/8/16 bits, a float16 cache (read in float32, never
+  rounded to float16: the reference is the codes dequantized in float64);
+- pieces that cover every slot once, each within a block and a tier, rescaled by the right groups;
 - a working set bounded by the block (`transient_bytes_peak`), not by the cache;
 - at the session level, the same perplexity with blocks of 5 tokens as with one block;
 - the byte goals with scales and zeros counted: 4-bit <= 0.28x and 2-bit <= 0.16x of fp16 at the
@@ -24,17 +27,19 @@ from kvbench.engine.qstore import QuantKVStore, SinkOutlierFlags, value_group
 from kvbench.engine.session import Session
 from kvbench.methods import method_from_config
 from kvbench.prompt import Prompter
+from kvbench.quant import pack_codes, unpack_codes, unpack_float
 from kvbench.streams import ROLE_TARGET
 
 D = 16
 MODULE = SimpleNamespace(layer_idx=0, config=SimpleNamespace(sliding_window=None))  # no window, no soft-cap
 
 
-def ragged_store(track_scores=True) -> QuantKVStore:
-    """2 KV heads at different bits, sinks in the hi tier, 8 evictions that leave partial key groups
-    and heads of different lengths, then one new token (the query's own)."""
-    st = QuantKVStore(2, D, torch.float32, "cpu", [4, 2], [4, 8], group_size=4, residual=3,
-                      track_scores=track_scores, hi_bits=(8, 8), max_hi=2,
+def ragged_store(track_scores=True, bits=((4, 2), (4, 8), (8, 8)), dtype=torch.float32, new=1) -> QuantKVStore:
+    """2 KV heads at different bits (key bits, value bits, hi-tier bits), sinks in the hi tier, 8
+    evictions that leave partial key groups and heads of different lengths, then `new` new tokens
+    (the queries' own)."""
+    st = QuantKVStore(2, D, dtype, "cpu", *bits[:2], group_size=4, residual=3,
+                      track_scores=track_scores, hi_bits=bits[2], max_hi=2,
                       flagger=SinkOutlierFlags(2, 0.9, 3.0, False))
     g = torch.Generator().manual_seed(0)
     s0 = 0
@@ -47,8 +52,9 @@ def ragged_store(track_scores=True) -> QuantKVStore:
     keep[1, ::2] = False  # head 1 loses more: ragged heads
     keep[:, :2] = True  # the hi tier (slots first) keeps its sinks
     st.compact(keep)
-    k, v = torch.randn(2, 1, D, generator=g), torch.randn(2, 1, D, generator=g)
-    st.append(k, v, torch.tensor([s0]), torch.tensor([s0]), torch.tensor([ROLE_TARGET]))
+    k, v = torch.randn(2, new, D, generator=g), torch.randn(2, new, D, generator=g)
+    seq = torch.arange(s0, s0 + new)
+    st.append(k, v, seq, seq, torch.full((new,), ROLE_TARGET))
     c = st.counts()
     assert c[0]["res"] != c[1]["res"] or st.n_live[0] != st.n_live[1]
     assert all(x["hi"] > 0 and x["body"] > 0 and x["res"] > 0 for x in c)
@@ -82,6 +88,93 @@ def test_blocks_equal_one_softmax(block):
     assert torch.allclose(got[0].double(), want, atol=1e-5), (got[0] - want).abs().max()
     assert torch.allclose(st.score.double(), p.sum(dim=1), atol=1e-5)  # H2O's accumulated attention
     assert float(st.score[~st.valid].abs().sum()) == 0.0
+
+
+def dequantized64(st, h):
+    """Head h's keys and values (n_live, D) in float64, from the codes (the tiers' own dequantize)."""
+    hd = st.heads[h]
+    k = torch.cat([hd.hk.deq(torch.float64), hd.bk.deq(torch.float64), hd.rk.double()])
+    v = torch.cat([hd.hv.deq(torch.float64), hd.bv.deq(torch.float64), hd.rv.double()])
+    return k, v
+
+
+BITS = {"kivi": ((4, 2), (4, 8), (8, 8)), "2-3-16": ((2, 3), (2, 4), (16, 16)), "8-16": ((16, 8), (2, 16), (8, 16))}
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("new", [1, 4])
+@pytest.mark.parametrize("block,track", [(1, False), (3, False), (10_000, False), (3, True), (10_000, True)])
+def test_pieces_equal_float64_attention(bits, dtype, new, block, track, monkeypatch):
+    """_attend_blocks == softmax(q.K) V over the float64 dequantized codes, per head, on both paths."""
+    st = ragged_store(track, BITS[bits], dtype, new)
+    last = int(st.seq.max())
+    seq, role = torch.arange(last - new + 1, last + 1), torch.full((new,), ROLE_TARGET)
+    hq, scaling = 6, 0.25
+    query = torch.randn(1, hq, new, D, generator=torch.Generator().manual_seed(2)).to(dtype)
+    cache = hf.StoreCache([st])
+    cache.block = block
+    calls = []
+    online = hf._online_softmax
+    monkeypatch.setattr(hf, "_online_softmax", lambda *a: calls.append(1) or online(*a))
+    if track:
+        st.score.zero_()
+    got = hf._attend_blocks(MODULE, query, st, cache, seq, role, scaling)[0].transpose(0, 1).double()  # (Hq, n, D)
+    g = hq // st.h
+    assert bool(calls) == (not track and g * new * st.seq.shape[1] > 2 * block * D)  # the path under test
+    mask = st.mask(seq, role == ROLE_TARGET, ROLE_TARGET)  # (Hkv, n, C)
+    for h in range(st.h):
+        k, v = dequantized64(st, h)
+        q = query[0, h * g:(h + 1) * g].double()  # (g, n, D)
+        x = (q @ k.T * scaling).masked_fill(~mask[h, :, :k.shape[0]], float("-inf"))
+        p = torch.softmax(x, dim=-1)  # (g, n, L)
+        want = p @ v
+        out_rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps  # the output comes in q's dtype
+        tol = (1e-5 + out_rounding) * max(1.0, float(want.abs().max()))
+        assert torch.allclose(got[h * g:(h + 1) * g], want, atol=tol), (got[h * g:(h + 1) * g] - want).abs().max()
+        if track:
+            assert torch.allclose(st.score[h, :k.shape[0]].double(), p.sum(dim=(0, 1)), atol=1e-5)
+    # the working set: one piece of K or V, unpacked (float32 codes and, below 8 bits, int32 codes;
+    # 3 bits also the piece's chunk words, 4 bytes per 8 codes)
+    per_row = D * 2 * 4 + (D // 8 * 4 if 3 in BITS[bits][0] + BITS[bits][1] else 0)
+    assert 0 < cache.transient_peak <= min(block, max(st.n_live)) * per_row
+
+
+@pytest.mark.parametrize("block", [1, 3, 4, 5, 8, 10_000])
+def test_pieces_cover_slots_within_blocks(block):
+    st = ragged_store(False)
+    for h, hd in enumerate(st.heads):
+        pieces = st.pieces(h, block)
+        ends = [hd.n_hi, hd.n_hi + hd.n_body]
+        assert [p[0] for p in pieces] == [0] + [p[0] + p[1] for p in pieces[:-1]]  # consecutive from slot 0
+        assert sum(p[1] for p in pieces) == st.n_live[h]
+        for s0, w, _, _ in pieces:
+            assert 0 < w <= block
+            assert not any(s0 < e < s0 + w for e in ends)  # each within one tier
+        k, v = dequantized64(st, h)
+        for s0, w, keys, values in pieces:
+            for part, ref in ((keys, k), (values, v)):
+                x, nbytes = part()
+                assert x.dtype == torch.float32 and x.shape == (w, D)
+                assert torch.allclose(x.double(), ref[s0:s0 + w], atol=1e-6)
+                assert nbytes <= w * D * 2 * 4  # (2/4/8 bits here) float32 codes and int32 words
+        if block >= 4:  # groups of G = 4 fit a block: body pieces end at group ends
+            group_ends = torch.cumsum(torch.tensor(st.counts()[h]["groups"]), 0).tolist()
+            body = [p for p in pieces if hd.n_hi <= p[0] < hd.n_hi + hd.n_body]
+            assert all(p[0] + p[1] - hd.n_hi in group_ends for p in body)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 5, 16, 24, 64])
+def test_unpack_float_equals_unpack_codes(bits, n):
+    g = torch.Generator().manual_seed(bits * 100 + n)
+    codes = torch.randint(0, 1 << bits, (7, n), generator=g)
+    codes[0], codes[1] = 0, (1 << bits) - 1  # extreme codes (the top one sets the int32 sign bit)
+    packed = pack_codes(codes, bits)
+    for rows in (packed, packed[2:5], packed.view(-1)[1:1 + 5 * packed.shape[1]].view(5, -1)):  # last: misaligned words
+        got, nbytes = unpack_float(rows, bits, n)
+        assert got.dtype == torch.float32 and torch.equal(got, unpack_codes(rows, bits, n).float())
+        assert nbytes >= got.numel() * 4
 
 
 def test_working_set_is_one_block():

@@ -17,6 +17,7 @@ where G = group_size. bits=16 stores the original tensor unquantized.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,39 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(cpc, device=b.device, dtype=torch.int64) * bits
     codes = ((word >> shifts) & ((1 << bits) - 1)).reshape(*packed.shape[:-1], -1)[..., :n]
     return codes.to(torch.uint8 if bits <= 8 else torch.int32)
+
+
+_LITTLE = sys.byteorder == "little"
+_SHIFTS: dict = {}  # (bits, device) -> int32 shifts of the codes in a word (unpack_float)
+
+
+def unpack_float(packed: torch.Tensor, bits: int, n: int) -> tuple[torch.Tensor, int]:
+    """`unpack_codes` straight to float32, for attention: (T, packed_len(n)) uint8 -> codes (T, n)
+    float32 (a new tensor), and the peak bytes the call had allocated at once (the output
+    included). Codes are shifted out of int32 words in one pass: 2 and 4 bits from the bytes read
+    four at a time (little-endian: code i of a word sits at bits [bits*i, bits*(i+1)), as pack_codes
+    lays them out), 3 bits from each 3-byte chunk widened to a word; 8 bits convert directly."""
+    t, p = packed.shape
+    out = t * n * 4
+    if bits == 8:
+        return packed[:, :n].float(), out
+    shifts = _SHIFTS.get((bits, packed.device))
+    if shifts is None:
+        shifts = _SHIFTS[bits, packed.device] = torch.arange(0, 24 if bits == 3 else 32, bits, dtype=torch.int32,
+                                                             device=packed.device)
+    if bits in (2, 4) and _LITTLE and p % 4 == 0 and packed.is_contiguous() and packed.storage_offset() % 4 == 0:
+        w = packed.view(torch.int32)[:, :, None]  # (T, P/4, 1), a view
+        extra = 0
+    elif bits == 3:
+        b = packed.view(t, -1, 3).to(torch.int32)  # (T, chunks, 3)
+        w = b[:, :, :1] | (b[:, :, 1:2] << 8) | (b[:, :, 2:] << 16)  # (T, chunks, 1)
+        extra = max(b.numel() * 4 + 2 * w.numel() * 4, w.numel() * 4)  # the bytes and the OR chain's temporaries
+        del b
+    else:
+        return unpack_codes(packed, bits, n).float(), out + t * p + t * n  # uint8 bytes and codes
+    c = torch.bitwise_right_shift(w, shifts)  # (T, words, codes per word) int32
+    c &= (1 << bits) - 1  # the top code's sign bits are masked off too
+    return c.view(t, -1)[:, :n].float(), max(extra, w.numel() * 4 * (bits == 3) + c.numel() * 4 + out)
 
 
 def _check_layout(shape, bits: int, group_size: int, axis: str) -> None:

@@ -192,12 +192,13 @@ def _window_mask(module, store, mask):
 
 
 def _attend_blocks(module, query, store, cache, seq, role, scaling):
-    """query (1, Hq, n, D) against a store read block by block (`store.blocks(h, cache.block)`) ->
-    (1, n, Hq, D). Per KV head, an online softmax in float32 over its blocks (running max, denominator
-    and weighted sum per query row, rescaled whenever a block raises the max): one softmax over all
-    slots, with one block of dequantized K/V alive at a time. Attention probabilities for the store's
-    scores (H2O) or for profiling are rebuilt from the blocks' logits (n x C floats, not K/V) after
-    the last block, against the final max and denominator."""
+    """query (1, Hq, n, D) against a store read piece by piece (`store.pieces(h, cache.block)`: at most
+    a block of one head's K or V in float32 at a time) -> (1, n, Hq, D), per KV head, in float32.
+    When a head's logits (g * n x C floats) are no larger than a block of K and V, or attention
+    probabilities are wanted (H2O's scores, profiling), two passes: every piece's keys into the
+    head's logits, one softmax, then every piece's values weighted by its columns. Otherwise (long
+    chunks of queries) an online softmax over the pieces (running max, denominator and weighted sum
+    per query row, rescaled whenever a piece raises the max)."""
     if cache.positioner is not None:
         raise ValueError("re-indexed positions need dense storage")
     hq, n, d = query.shape[1:]
@@ -206,36 +207,27 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling):
     mask, softcap = _window_mask(module, store, store.mask(seq, role == ROLE_TARGET, ROLE_TARGET))  # (Hkv, n, C)
     want_p = store.score is not None or store.recorded is not None
     probs = query.new_zeros(hkv, g * n, mask.shape[-1], dtype=torch.float32) if want_p else None
-    q = query[0].reshape(hkv, g * n, d).float()  # query heads grouped by KV head: row = i * n + t
+    # query heads grouped by KV head (row = i * n + t), scaled once: logits come out scaled
+    q = query[0].reshape(hkv, g * n, d).float() * scaling
     out = torch.empty(hkv, g * n, d, dtype=torch.float32, device=query.device)
-    neg = float("-inf")
+    whole = want_p or g * n * mask.shape[-1] <= 2 * cache.block * d
     for h in range(hkv):
-        m = den = acc = None
-        logits = []
-        for s0, k, v, tb in store.blocks(h, cache.block):
-            kf, vf = k.float(), v.float()
-            tb += (_nbytes(kf) if kf is not k else 0) + (_nbytes(vf) if vf is not v else 0)  # up-cast copies
-            cache.transient_peak = max(cache.transient_peak, tb)
-            x = (q[h] @ kf.T) * scaling  # (g * n, b)
-            if softcap is not None:
-                x = torch.tanh(x / softcap) * softcap
-            x = x.masked_fill(~mask[h, :, s0:s0 + k.shape[0]].repeat(g, 1), neg)
-            top = x.amax(-1, keepdim=True) if m is None else torch.maximum(m, x.amax(-1, keepdim=True))
-            safe = top.masked_fill(top == neg, 0.0)  # a row with nothing visible yet: exp(-inf) = 0
-            e = torch.exp(x - safe)
-            if m is None:
-                den, acc = e.sum(-1, keepdim=True), e @ vf
-            else:
-                scale = torch.exp(m - safe)
-                den, acc = den * scale + e.sum(-1, keepdim=True), acc * scale + e @ vf
-            m = top
+        pieces, qh = store.pieces(h, cache.block), q[h]
+        hidden = ~mask[h, :, :store.n_live[h]]  # (n, L): live slots are a prefix
+        if whole:
+            x = q.new_empty(g * n, hidden.shape[1])  # (g * n, L) logits
+            for s0, w, keys, _ in pieces:
+                torch.mm(qh, _read(keys, cache).T, out=x[:, s0:s0 + w])
+            p = torch.softmax(_masked(x, softcap, hidden, g), dim=-1)
+            acc = None
+            for s0, w, _, values in pieces:
+                v = _read(values, cache)
+                acc = p[:, s0:s0 + w] @ v if acc is None else acc.addmm_(p[:, s0:s0 + w], v)
+            out[h] = acc
             if want_p:
-                logits.append((s0, x))
-        out[h] = acc / den
-        if want_p:
-            safe = m.masked_fill(m == neg, 0.0)
-            for s0, x in logits:
-                probs[h, :, s0:s0 + x.shape[1]] = torch.exp(x - safe) / den
+                probs[h, :, :p.shape[1]] = p
+        else:
+            out[h] = _online_softmax(qh, pieces, cache, softcap, hidden, g)
     if want_p:
         p = probs.reshape(hkv, g, n, -1)
         store.observe(p.sum(dim=1))
@@ -246,6 +238,39 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling):
                                 kseq=store.seq.clone(), kvalid=store.valid.clone(), qseq=seq.clone(),
                                 kpos=store.pos.clone()))
     return out.reshape(1, hq, n, d).to(query.dtype).transpose(1, 2).contiguous()
+
+
+def _read(part, cache) -> torch.Tensor:
+    """A piece's keys or values (float32, from `QuantKVStore.pieces`), its allocation counted."""
+    x, nbytes = part()
+    cache.transient_peak = max(cache.transient_peak, nbytes)
+    return x
+
+
+def _masked(x, softcap, hidden, g):
+    """Logits x (g * n, w): soft-capped, hidden (n, w) slots at -inf (in place)."""
+    if softcap is not None:
+        x = torch.tanh(x / softcap) * softcap
+    return x.view(g, *hidden.shape).masked_fill_(hidden, float("-inf")).view(x.shape)
+
+
+def _online_softmax(q, pieces, cache, softcap, hidden, g):
+    """q (g * n, D) float32 against a head's pieces -> (g * n, D), one piece's K or V alive at a time."""
+    neg = float("-inf")
+    m = den = acc = None
+    for s0, w, keys, values in pieces:
+        x = _masked(q @ _read(keys, cache).T, softcap, hidden[:, s0:s0 + w], g)
+        top = x.amax(-1, keepdim=True) if m is None else torch.maximum(m, x.amax(-1, keepdim=True))
+        safe = top.masked_fill(top == neg, 0.0)  # a row with nothing visible yet: exp(-inf) = 0
+        e = torch.exp(x - safe)
+        v = _read(values, cache)
+        if m is None:
+            den, acc = e.sum(-1, keepdim=True), e @ v
+        else:
+            scale = torch.exp(m - safe)
+            den, acc = den * scale + e.sum(-1, keepdim=True), acc * scale + e @ v
+        m = top
+    return acc / den
 
 
 def _attend(module, query, key, value, store, cache, seq, role, scaling, step: int = 0):

@@ -17,11 +17,13 @@ Each KV head h owns three tiers, in this slot order (the (H, C) metadata is padd
                     n_r <= residual + G - 1 after every append.
 
 Bits are per head (`key_bits[h]`, `value_bits[h]`); 16 means stored unquantized in the cache dtype.
-Attention reads dequantized values block by block: blocks(h, block) yields a head's slots as pieces
-of at most `block` tokens, dequantized one at a time (engine.hf attends them with an online softmax),
-so the full-precision working set is one block, reported as `transient_bytes_peak`; no
-full-precision copy of the body is kept. keys_values() still rebuilds the whole (H, C, D) (tests). nbytes() is what the tiers allocate: codes + scales +
-zeros + residual, per head, so heads of different lengths or bits add no padding; the padded (H, C)
+Attention reads the store piece by piece: pieces(h, block) cuts a head's slots into pieces of at
+most `block` tokens within one tier, whose keys and values are unpacked to float32 and rescaled in
+place one piece at a time (the arithmetic of QTensor.dequantize, never rounded to the cache dtype;
+engine.hf attends them), so the full-precision working set is one piece of K or V, reported as
+`transient_bytes_peak`; no full-precision copy of the body is kept. keys_values() still rebuilds
+the whole (H, C, D) in the cache dtype (tests, traces). nbytes() is what the tiers allocate: codes +
+scales + zeros + residual, per head, so heads of different lengths or bits add no padding; the padded (H, C)
 metadata is counted in meta_bytes().
 
 Eviction inside a channel-quantized key group: codes are stored one row per token and a group's
@@ -38,11 +40,11 @@ are per token and never re-packed. `bytes_bound` prices all of this for budget c
 
 from __future__ import annotations
 
-import bisect
+from functools import partial
 
 import torch
 
-from ..quant import QTensor, packed_len, quantize, quantized_nbytes, unpack_codes
+from ..quant import QTensor, packed_len, quantize, quantized_nbytes, unpack_codes, unpack_float
 from .store import Store
 
 MAX_PARTIAL = 2
@@ -51,6 +53,12 @@ META = ("seq", "pos", "role", "valid", "flag", "score")
 
 def _nb(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _f32(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x in float32 and the bytes that took (0: x already is)."""
+    y = x.float()
+    return y, 0 if y is x else _nb(y)
 
 
 class SinkOutlierFlags:
@@ -126,6 +134,25 @@ class Rows:
             return q.to(dtype, copy=True)
         return QTensor(q, self.s[lo:hi], self.z[lo:hi], self.bits, self.g, "token", (hi - lo, self.d)).dequantize(dtype)
 
+    def spans(self, block: int) -> list[tuple[int, int, None]]:
+        """Rows cut into pieces (lo, hi, None) of at most `block` rows (any cut: scales are per row)."""
+        n = len(self)
+        return [(lo, min(lo + block, n), None) for lo in range(0, n, block)]
+
+    def deq32(self, lo: int, hi: int, runs=None) -> tuple[torch.Tensor, int]:
+        """Rows lo:hi in float32 for attention, and the bytes the call allocated at its peak (0: a
+        view of a float32 store). The arithmetic of QTensor.dequantize (codes * scale + zero in
+        float32, up to the rounding of a fused multiply-add), in place on the unpacked codes."""
+        q = self.q[lo:hi]
+        if self.bits == 16:
+            x = q.float()
+            return x, 0 if x is q else _nb(x)
+        c, work = unpack_float(q, self.bits, self.d)
+        x = c.view(hi - lo, self.d // self.g, self.g)
+        # scales widened first (a small copy): mixed-precision elementwise ops over the block are slow on CPU
+        torch.addcmul(self.z[lo:hi, :, None].float(), x, self.s[lo:hi, :, None].float(), out=x)
+        return c, work
+
     def nbytes(self) -> int:
         return _nb(self.q, self.s, self.z)
 
@@ -140,7 +167,7 @@ class ChannelKeys:
         self.s = torch.empty(0, d, dtype=sdt, device=device)  # (n_groups, D)
         self.z = self.s.clone()
         self.size = torch.empty(0, dtype=torch.long, device=device)
-        self._ends = (None, [])
+        self._spans = (None, 0, [])
 
     def add(self, x: torch.Tensor) -> None:
         """x (n, D): whole groups of G, or one partial group (n < G)."""
@@ -149,32 +176,56 @@ class ChannelKeys:
         self.q, self.s, self.z = (torch.cat(p) for p in ((self.q, t.packed), (self.s, t.scale), (self.z, t.zero)))
         self.size = torch.cat([self.size, self.size.new_full((x.shape[0] // g,), g)])
 
-    def deq(self, dtype, rows: torch.Tensor | None = None, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """Rows `rows` (an index tensor), else rows lo:hi (default all), in `dtype`."""
+    def deq(self, dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `rows` (an index tensor), else every row, in `dtype` (attention reads deq32's pieces)."""
         n = self.q.shape[0]
-        hi = n if hi is None else hi
-        if not n or (rows is None and hi <= lo):
+        if not n:
             return torch.empty(0, self.d, dtype=dtype, device=self.q.device)
         s, z = self.s.float(), self.z.float()  # exact; widened before expanding (half ops are slow on CPU)
-        if rows is None and lo == 0 and hi == n:  # every row: scales expanded group by group, no index tensor
+        if rows is None:  # every row: scales expanded group by group, no index tensor
             q, s, z = self.q, s.repeat_interleave(self.size, dim=0, output_size=n), \
                 z.repeat_interleave(self.size, dim=0, output_size=n)
-        elif rows is None:  # a range of rows: the groups it spans, expanded and trimmed
-            if self._ends[0] is not self.size:  # host copy of the group ends, per version of `size`
-                self._ends = (self.size, torch.cumsum(self.size, 0).tolist())
-            ends = self._ends[1]
-            g0, g1 = bisect.bisect_right(ends, lo), bisect.bisect_left(ends, hi) + 1
-            start = ends[g0] - int(self.size[g0])
-            m = ends[g1 - 1] - start
-            sz = self.size[g0:g1]
-            q = self.q[lo:hi]
-            s = s[g0:g1].repeat_interleave(sz, dim=0, output_size=m)[lo - start:hi - start]
-            z = z[g0:g1].repeat_interleave(sz, dim=0, output_size=m)[lo - start:hi - start]
         else:
             gid = torch.repeat_interleave(torch.arange(len(self.size), device=self.q.device), self.size)[rows]
             q, s, z = self.q[rows], s[gid], z[gid]
         c = unpack_codes(q, self.bits, self.d).float()  # same arithmetic as QTensor.dequantize
         return (c * s + z).to(dtype)
+
+    def spans(self, block: int) -> list[tuple[int, int, list[tuple[int, int, int, int]]]]:
+        """Rows cut into pieces (lo, hi, runs) of at most `block` rows, cut at group ends (a group
+        longer than `block` is cut inside); `runs` [(offset, g0, k, gs)]: piece rows offset:offset +
+        k * gs are groups g0..g0+k-1 of gs rows each (or, cut inside, gs rows of group g0, k = 1), so
+        deq32 rescales each run with a broadcast view of its groups' scales. Cached per `size`."""
+        if self._spans[0] is self.size and self._spans[1] == block:
+            return self._spans[2]
+        sizes = self.size.tolist()
+        out, row, j = [], 0, 0
+        while j < len(sizes):
+            if sizes[j] > block:
+                out += [(row + a, row + min(a + block, sizes[j]), [(0, j, 1, min(block, sizes[j] - a))])
+                        for a in range(0, sizes[j], block)]
+                row, j = row + sizes[j], j + 1
+                continue
+            lo, runs = row, []
+            while j < len(sizes) and row + sizes[j] - lo <= block:
+                if runs and runs[-1][3] == sizes[j]:
+                    runs[-1] = (*runs[-1][:2], runs[-1][2] + 1, sizes[j])
+                else:
+                    runs.append((row - lo, j, 1, sizes[j]))
+                row, j = row + sizes[j], j + 1
+            out.append((lo, row, runs))
+        self._spans = (self.size, block, out)
+        return out
+
+    def deq32(self, lo: int, hi: int, runs: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, int]:
+        """Rows lo:hi (one piece of `spans`) in float32, and the bytes the call allocated at its peak:
+        the arithmetic of deq (codes * scale + zero in float32), in place on the unpacked codes,
+        each run of equal groups rescaled through a broadcast view (no per-row scale tensor)."""
+        c, work = unpack_float(self.q[lo:hi], self.bits, self.d)
+        for r0, g0, k, gs in runs:
+            x = c[r0:r0 + k * gs].view(k, gs, self.d)
+            torch.addcmul(self.z[g0:g0 + k, None].float(), x, self.s[g0:g0 + k, None].float(), out=x)
+        return c, work
 
     def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         """Drop rows where keep (n,) is False; returns the surviving rows' old indices in new order."""
@@ -228,7 +279,7 @@ class QuantKVStore(Store):
 
     layout = "packed_quant"
     compute = "dequantized"
-    blockwise = True  # attention dequantizes one block of a head at a time (blocks)
+    blockwise = True  # attention dequantizes one piece of a head at a time (pieces)
     ordered = False  # hi tier (sinks, outliers) first, merged key groups re-packed: not stream order
 
     def __init__(self, n_heads: int, head_dim: int, dtype, device, key_bits, value_bits, group_size: int,
@@ -337,31 +388,22 @@ class QuantKVStore(Store):
                 ks[h, n:], vs[h, n:] = 0, 0
         return ks, vs
 
-    def blocks(self, h: int, block: int):
-        """Head h's live slots as consecutive pieces (start slot, keys (n, D), values (n, D), transient
-        bytes) of at most `block` tokens, in the cache dtype: attention dequantizes one piece at a time,
-        so its full-precision working set is a block, never the cache. Residual rows come as views of
-        the store's own tensors (no transient); a piece with quantized rows is a new tensor."""
+    def pieces(self, h: int, block: int) -> list[tuple[int, int, partial, partial]]:
+        """Head h's live slots as consecutive pieces (start slot, n, keys, values) of at most `block`
+        tokens, each within one tier (body pieces cut at key-group ends where groups fit a block);
+        keys() and values() return the piece's (n, D) float32 rows and the bytes that call allocated:
+        attention reads one piece's keys or values at a time, so its full-precision working set is a
+        block, never the cache. Rows stored in float32 (residual, 16-bit tiers) come as views (0 bytes)."""
         hd = self.heads[h]
         a, b, n = hd.n_hi, hd.n_hi + hd.n_body, self.n_live[h]
-        for s0 in range(0, n, block):
-            s1 = min(s0 + block, n)
-            if s0 >= b:
-                yield s0, hd.rk[s0 - b:s1 - b], hd.rv[s0 - b:s1 - b], 0
-                continue
-            ks, vs = [], []
-            if s0 < a:
-                ks.append(hd.hk.deq(self.dtype, s0, min(s1, a)))
-                vs.append(hd.hv.deq(self.dtype, s0, min(s1, a)))
-            if s1 > a:
-                lo, hi = max(s0, a) - a, min(s1, b) - a
-                ks.append(hd.bk.deq(self.dtype, lo=lo, hi=hi) if isinstance(hd.bk, ChannelKeys) else
-                          hd.bk.deq(self.dtype, lo, hi))
-                vs.append(hd.bv.deq(self.dtype, lo, hi))
-            if s1 > b:
-                ks.append(hd.rk[: s1 - b]), vs.append(hd.rv[: s1 - b])
-            k, v = (x[0] if len(x) == 1 else torch.cat(x) for x in (ks, vs))
-            yield s0, k, v, _nb(k, v)
+        out = [(lo, hi - lo, partial(hd.hk.deq32, lo, hi), partial(hd.hv.deq32, lo, hi))
+               for lo, hi, _ in hd.hk.spans(block)]
+        out += [(a + lo, hi - lo, partial(hd.bk.deq32, lo, hi, runs), partial(hd.bv.deq32, lo, hi))
+                for lo, hi, runs in hd.bk.spans(block)]
+        for lo in range(b, n, block):
+            r = slice(lo - b, min(lo + block, n) - b)
+            out.append((lo, r.stop - r.start, partial(_f32, hd.rk[r]), partial(_f32, hd.rv[r])))
+        return out
 
     # ---- eviction ------------------------------------------------------------------------
     def compact(self, keep: torch.Tensor) -> None:
