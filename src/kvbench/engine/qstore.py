@@ -145,8 +145,7 @@ class Rows:
         float32, up to the rounding of a fused multiply-add), in place on the unpacked codes."""
         q = self.q[lo:hi]
         if self.bits == 16:
-            x = q.float()
-            return x, 0 if x is q else _nb(x)
+            return _f32(q)
         c, work = unpack_float(q, self.bits, self.d)
         x = c.view(hi - lo, self.d // self.g, self.g)
         # scales widened first (a small copy): mixed-precision elementwise ops over the block are slow on CPU

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 
 from .base import param, register
-from .long_common import Sample, decode_greedy, encode, frame, one_group
+from .long_common import Sample, ScoreCells, decode_greedy, encode, frame, one_group
 
 # generation lengths of the benchmarks' own scripts (LongBench config/dataset2maxlen.json; InfiniteBench's
 # max new tokens per task); LooGLE's are kvbench's choice (a short answer, a long summary)
@@ -73,9 +73,9 @@ def long_sample(doc: dict):
     return LongSample(context=doc["source"], **{k: tuple(v) if k in tup else v for k, v in s.items()})
 
 
-def _template(ls) -> tuple[str, str, str]:
-    family = "summary" if ls.subset == "longdep_summarization" else FAMILY[ls.metric]
-    if ls.benchmark == "longbench" and ls.subset.removesuffix("_e") in ("trec", "triviaqa", "samsum"):
+def _template(ls, base: str) -> tuple[str, str, str]:
+    family = "summary" if base == "longdep_summarization" else FAMILY[ls.metric]
+    if ls.benchmark == "longbench" and base in ("trec", "triviaqa", "samsum"):
         family = "fewshot"
     before, mid, cue = TEMPLATES[family]
     options = "".join(f"{'ABCD'[i]}. {o}\n" for i, o in enumerate(ls.options[:4]))
@@ -97,12 +97,10 @@ def bench_sample(prompter, doc: dict, max_new_tokens: int, query_first: bool) ->
         raise ValueError("the long-context benchmarks are English (or code): they need a hub (HF tokenizer) model, "
                          "not the builtin one")
     ls = long_sample(doc)
-    n_new = max_new_tokens or MAX_NEW[ls.benchmark].get(ls.subset.removesuffix("_e"), 64)
-    head, tail = ([], []) if ls.benchmark == "longbench" and ls.subset.removesuffix("_e") in NO_CHAT \
-        else frame(prompter)
-    if not head:
-        head = list(prompter.bos)
-    before, mid, cue = _template(ls)
+    base = ls.subset.removesuffix("_e")  # LongBench-E subsets read as their LongBench subset
+    n_new = max_new_tokens or MAX_NEW[ls.benchmark].get(base, 64)
+    head, tail = (list(prompter.bos), []) if ls.benchmark == "longbench" and base in NO_CHAT else frame(prompter)
+    before, mid, cue = _template(ls, base)
     pre, post = encode(prompter, before), encode(prompter, mid)
     tail = tail + encode(prompter, cue)
     context = encode(prompter, ls.context)
@@ -142,8 +140,6 @@ class _Long:
 
 
 def _make(bench: str, order: int, summary: str):
-    from .long_common import ScoreCells
-
     cls = type(f"Bench_{bench}", (_Long, ScoreCells), {
         "__module__": __name__, "__doc__": f"`{bench}`: {summary}.", "name": bench, "order": order,
         "summary": summary, "kinds": (bench,),
