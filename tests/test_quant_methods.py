@@ -189,6 +189,50 @@ def test_sinks_and_injected_outlier_at_high_precision(hi):
     assert flags.ema is not None and flags.ema.shape == (2,)
 
 
+class AlwaysFlush(QuantKVStore):
+    """The reference: every append runs the flush and the slot rebuild, whether or not anything moves."""
+
+    def _flushes(self, hd, n, flag) -> bool:
+        return True
+
+
+def test_skipped_flushes_change_nothing():
+    """append skips the flush (and the slot rebuild) when nothing leaves the residual window: the
+    store then equals one that always flushes, slot for slot, after every append and eviction
+    (outliers and sinks to the hi tier until it is full, scattered evictions merging key groups)."""
+    torch.manual_seed(0)
+    kw = dict(hi_bits=(8, 8), max_hi=6)
+    a = store_of([2, 4], [2, 4], 8, 5, **kw, flagger=SinkOutlierFlags(4, 0.9, 3.0, True))
+    b = AlwaysFlush(2, 64, torch.float32, CPU, [2, 4], [2, 4], 8, 5, **kw, flagger=SinkOutlierFlags(4, 0.9, 3.0, True))
+    g = torch.Generator().manual_seed(3)
+    calls, peak_hi = {}, 0
+    for name, st in (("a", a), ("b", b)):
+        def counted(hd, flag, _f=st._flush, _n=name):
+            calls[_n] = calls.get(_n, 0) + 1
+            return _f(hd, flag)
+        st._flush = counted
+    for step, n in enumerate([6, 1, 1, 9, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 20] * 3):
+        k, v = torch.randn(2, n, 64, generator=g), torch.randn(2, n, 64, generator=g)
+        if step % 5 == 2:
+            k[:, -1] *= 25.0  # an outlier key
+        s0 = int(a.seq.max()) + 1 if a.seq.numel() else 0
+        seq = torch.arange(s0, s0 + n)
+        for st in (a, b):
+            st.append(k, v, seq, seq, torch.ones(n, dtype=torch.long))
+        if step % 4 == 3 and a.seq.shape[1] > 24:  # scattered eviction (H2O-like), the same on both
+            keep = torch.rand(a.valid.shape, generator=g) > 0.25
+            a.compact(keep), b.compact(keep)
+        assert a.counts() == b.counts(), step
+        for x, y in zip(a.keys_values(), b.keys_values()):
+            assert torch.equal(x, y), step
+        for name in ("seq", "pos", "role", "valid", "flag"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (step, name)
+        assert a.n_live == b.n_live and a.nbytes() == b.nbytes() == theory(a)
+        peak_hi = max(peak_hi, sum(c["hi"] for c in a.counts()))
+    assert calls["a"] < 0.6 * calls["b"]  # skips happened (evictions leave heads ragged: those appends rebuild)
+    assert peak_hi > 8  # sinks (4 per head) and outliers did reach the hi tier
+
+
 def mk(name, **kw):
     return method_from_config(name, kw)
 

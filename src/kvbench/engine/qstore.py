@@ -312,7 +312,7 @@ class QuantKVStore(Store):
         idxs, moved = [], False
         for h, hd in enumerate(self.heads):
             hd.rk, hd.rv = torch.cat([hd.rk, k[h].to(self.dtype)]), torch.cat([hd.rv, v[h].to(self.dtype)])
-            if lens[h] == c and lens[h] + n - hd.n_hi - hd.n_body <= self.residual:
+            if lens[h] == c and not self._flushes(hd, lens[h] + n, self.flag[h]):
                 idxs.append(None)  # no padding and nothing leaves the residual window: slots unchanged
                 continue
             slots = torch.cat([torch.arange(lens[h], device=k.device), c + torch.arange(n, device=k.device)])
@@ -322,6 +322,18 @@ class QuantKVStore(Store):
             self.n_live = [x + n for x in lens]
             return
         self._regather([torch.arange(c + n, device=k.device) if i is None else i for i in idxs])
+
+    def _flushes(self, hd: _Head, n: int, flag: torch.Tensor) -> bool:
+        """Whether `_flush` would move anything out of the residual window of a head holding n
+        tokens (flag: the head's row, slots in tier order): a whole group of G older than the window,
+        or a flagged token among the older ones while `hi` has room. Most steps move nothing (the
+        window runs up to G - 1 tokens over `residual` between flushes); skipping them skips the
+        slot rebuild (`_regather`)."""
+        b = hd.n_hi + hd.n_body
+        old = n - b - self.residual
+        if old <= 0:
+            return False
+        return old >= self.g or (self.max_hi > hd.n_hi and bool(flag[b:b + old].any()))
 
     def _flush(self, hd: _Head, flag: torch.Tensor) -> torch.Tensor:
         """Move residual tokens older than the window out: flagged ones to `hi` (while it has room),
