@@ -189,6 +189,40 @@ def test_sinks_and_injected_outlier_at_high_precision(hi):
     assert flags.ema is not None and flags.ema.shape == (2,)
 
 
+def test_outlier_flags_follow_the_ema_recursion_in_any_chunking():
+    """SinkOutlierFlags against the rule written as a loop (float64): the first n_sink tokens are
+    sinks; a later token is an outlier when its key norm > threshold x the EMA, and only ordinary
+    tokens update the EMA (ema = decay * ema + (1 - decay) * norm), seeded by the first chunk's
+    median. Fed one token at a time (a decode step's branch) and in chunks (the closed form), the
+    flags are the loop's and the EMA agrees to float32 rounding."""
+    g = torch.Generator().manual_seed(5)
+    n, n_sink, decay, thr = 120, 4, 0.9, 3.0
+    k = torch.randn(2, n, 64, generator=g)
+    k[:, [30, 31, 77]] *= 6.0  # outliers (norms ~6x the rest)
+    k[1, 50] *= 8.0  # one head only
+    seed = 10  # the first chunk: tokens 0..9 in both feeds, so both seed the same median
+    norm = k.double().norm(dim=-1)
+    ema = norm[:, n_sink:seed].median(dim=1).values.clone()
+    want = torch.zeros(2, n, dtype=torch.bool)
+    want[:, :n_sink] = True
+    for t in range(n_sink, n):
+        for h in range(2):
+            if norm[h, t] > thr * ema[h]:
+                want[h, t] = True
+            else:
+                ema[h] = decay * ema[h] + (1 - decay) * norm[h, t]
+    for chunks in ([seed] + [1] * (n - seed), [seed, 7, 1, 1, 13, 1, 40, 1, 1, 45]):
+        f = SinkOutlierFlags(n_sink, decay, thr, detect=True)
+        got, s0 = [], 0
+        for c in chunks:
+            got.append(f(k[:, s0:s0 + c], torch.arange(s0, s0 + c)))
+            s0 += c
+        assert s0 == n
+        assert torch.equal(torch.cat(got, dim=1), want), chunks
+        assert torch.allclose(f.ema.double(), ema, rtol=1e-5), chunks
+    assert want[:, n_sink:].sum() >= 7  # outliers were flagged
+
+
 class AlwaysFlush(QuantKVStore):
     """The reference: every append runs the flush and the slot rebuild, whether or not anything moves."""
 
