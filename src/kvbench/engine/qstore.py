@@ -82,12 +82,11 @@ class SinkOutlierFlags:
             if not bool(ordinary.any()):
                 return sink.clone()
             self.ema = norm[:, ordinary[0]].median(dim=1).values  # seed: the first chunk's median
-        if norm.shape[1] == 1:  # one token (a decode step): the recursion itself, in fewer ops
-            if bool(sink[0, 0]):
-                return sink.clone()
-            out = norm[:, 0] > self.threshold * self.ema  # (H,)
-            self.ema = torch.where(out, self.ema, self.decay * self.ema + (1 - self.decay) * norm[:, 0])
-            return out[:, None]
+        if norm.shape[1] == 1:  # one token (a decode step): the recursion itself, in fewer ops, no host sync
+            s = sink[:, 0]
+            out = ~s & (norm[:, 0] > self.threshold * self.ema)  # (H,)
+            self.ema = torch.where(s | out, self.ema, self.decay * self.ema + (1 - self.decay) * norm[:, 0])
+            return (s | out)[:, None]
         out = ordinary & (norm > self.threshold * self.ema[:, None])
         upd = ordinary & ~out  # EMA over ordinary tokens, in stream order: closed form of the recursion
         cnt = upd.sum(dim=1, keepdim=True)
