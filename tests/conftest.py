@@ -22,7 +22,7 @@ import torch
 # files of CLI / subprocess / pipeline-output tests: their tests are "pipeline" whatever fixtures they take
 PIPELINE_FILES = ("test_aggregate.py", "test_bad_inputs.py", "test_dag.py", "test_data_models.py", "test_extrapolate.py",
                   "test_hub_revision.py", "test_install.py",
-                  "test_long_docs.py", "test_resume.py", "test_shipped_model.py", "test_slurm.py")
+                  "test_long_docs.py", "test_resume.py", "test_shipped_model.py", "test_slurm.py", "test_warm.py")
 MODEL_FIXTURES = ("tiny", "tiny_model_dir", "planted_profile")
 TIERS = {
     "unit": "tensor-level tests with no model (seconds)",

@@ -22,6 +22,13 @@ for _configfile in workflow.configfiles:
 # method fields, model positions. Errors name the key.
 validate_config(config)
 
+# Local runs: each kvbench command is forked from a warm server that has imported torch and
+# transformers once (kvbench/warm.py), instead of paying ~10 s of imports per job. Jobs inherit the
+# variable from this process; a cluster's jobs (and the remote side of one) start their own process.
+# `KVBENCH_WARM=0 snakemake ...` turns it off.
+if workflow.local_exec and not workflow.remote_exec:
+    os.environ.setdefault("KVBENCH_WARM", "1")
+
 JOBS = job_table(config)
 USE_GPU = config.get("device", "auto") == "cuda"
 PROFILED_MODELS = sorted(
