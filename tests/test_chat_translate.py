@@ -74,3 +74,24 @@ def test_ppl_and_latency_read_translation_documents_through_the_chat_prompt(twin
                    task_params={"wait_k": 3, "n_decode": 2, "warmup": 1})
     row = pd.read_parquet(out).iloc[0]
     assert (row["n_scored_tokens"] > 0) if task == "ppl" else (row["decode_ms_median"] > 0)
+
+
+@pytest.mark.parametrize("k", [3, 10**6])
+def test_a_degenerate_translation_stops_at_the_token_cap(twin, k):
+    """max_len_a * |src| + max_len_b in target tokens: the twin never ends a translation by itself;
+    with one long word in the source, the word cap alone would let it write ~5x the source's tokens.
+    Streaming and batch end within 2 x the source's tokens + 10 (batch exactly there), labelled
+    length_cap."""
+    from kvbench.tasks.translation import TOKEN_CAP_A, TOKEN_CAP_B
+
+    model, tok, d = twin
+    p = Prompter(tok, d, "en", "fr")
+    doc = {"id": 0, "source": " ".join(["extraordinarily", "a", "of", "to", "an"] * 6), "target": "x"}
+    src_tokens = sum(map(len, p.words(doc["source"])))
+    token_cap = TOKEN_CAP_A * src_tokens + TOKEN_CAP_B
+    limit = len(p.instruction()) + src_tokens + len(p.target_start()) + token_cap
+    session = Counting(Session(model, REGISTRY["full"](), None, 16), limit)
+    out = tasks.translate(session, p, doc, k=k)
+    assert out["stop_reason"] == "length_cap"  # Counting fails beyond the token cap
+    if k > len(doc["source"].split()):  # batch: the word cap would allow more, the token cap binds
+        assert session.fed == limit - 1, (session.fed, limit)  # token_cap written; the last one is never fed

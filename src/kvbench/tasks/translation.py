@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from .common import TargetGroup, max_word_tokens
 
+TOKEN_CAP_A, TOKEN_CAP_B = 2, 10  # target tokens <= 2 x source tokens + 10
+
 COLUMNS = ("source", "hypothesis", "reference", "delays", "src_words", "hyp_words", "stop_reason", "wait_k",
            "al", "laal", "ref_words")
 
@@ -21,7 +23,13 @@ def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> d
     look-ahead). Under a budget B, the instruction + k wait words, every READ and every WRITE token
     each see at most B cached entries per head plus themselves (the session runs a feed that would
     pass the budget stepwise), so the source KV the target reads was itself computed within the
-    budget."""
+    budget.
+
+    Length caps (stop_reason "length_cap"): 1.5 x the source's words + 5 words, each word at most as
+    many tokens as the longest source word, and at most TOKEN_CAP_A x the source's tokens +
+    TOKEN_CAP_B tokens in all (fairseq's and SimulEval's max_len_a * |src| + max_len_b). A model that
+    stops by itself never meets them; a degenerate one (the random twins) stops there instead of
+    writing ~5x the source's tokens."""
     from .. import streams
     from ..metrics import lagging_scores
     from ..streams import ROLE_INSTR, ROLE_SOURCE, ROLE_TARGET
@@ -31,6 +39,7 @@ def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> d
         raise ValueError(f"sample {doc['id']}: empty source document")
     instr = prompter.instruction()
     cap = math.ceil(1.5 * len(src)) + 5  # words
+    token_cap = TOKEN_CAP_A * sum(len(w) for w in src) + TOKEN_CAP_B
     max_word = max_word_tokens(src)
     session.feed(instr, list(range(len(instr))), [ROLE_INSTR] * len(instr))
     src_pos, tgt_pos, read = len(instr), target_offset, 0
@@ -67,10 +76,14 @@ def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> d
                 carry, carry_in_word = [t], True  # t begins the next word
                 break
             word.append(t)
+            if len(hyp) + len(word) >= token_cap:
+                break
             logits = feed_target([t])
         if word:
             hyp += word
             delays.append(read)
+        if len(hyp) >= token_cap:
+            break
         if not carry:
             stop = "eos"
             break
