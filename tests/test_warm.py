@@ -155,7 +155,7 @@ def test_a_signal_to_the_client_reaches_the_child(ppl_job, warm_dir, sig):
     assert not os.path.exists(out), "the job wrote its output after it was stopped"
 
 
-def test_off_under_slurm_and_when_asked(monkeypatch):
+def test_off_under_slurm_on_a_gpu_machine_and_when_asked(monkeypatch):
     from kvbench import warm
 
     monkeypatch.setenv("KVBENCH_WARM", "1")
@@ -169,3 +169,18 @@ def test_off_under_slurm_and_when_asked(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("KVBENCH_WARM", "0")
     assert not warm.enabled()
+    monkeypatch.setenv("KVBENCH_WARM", "1")
+    monkeypatch.setattr(warm, "gpu_visible", lambda: True)  # a GPU node: CUDA is never forked
+    assert not warm.enabled()
+
+
+def test_logs_and_locks_of_servers_gone_for_a_day_are_swept(tmp_path):
+    from kvbench import warm
+
+    old = time.time() - 2 * 86400
+    for name in ("gone.log", "gone.lock", "live.log", "live.lock", "live.sock", "recent.log", "other.txt"):
+        (tmp_path / name).write_text("")
+        if name != "recent.log":
+            os.utime(tmp_path / name, (old, old))
+    warm._sweep(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["live.lock", "live.log", "live.sock", "other.txt", "recent.log"]

@@ -23,7 +23,10 @@ kvbench source files match its own (their hash names the socket); any difference
 The server never runs a torch operation itself: forking after OpenMP has started threads can hang.
 
 Not used under a batch system (SLURM_JOB_ID set: each job is its own allocation, whose processes end
-with it) and never required: if the server cannot be started or reached, the command runs in-process.
+with it), nor where a GPU is visible (/dev/nvidia*, /dev/kfd) or off Linux: a CUDA (or ROCm, Metal)
+context must not be inherited through fork, an import may already touch the driver, and a GPU job's
+import time is small beside its work. Never required: if the server cannot be started or reached,
+the command runs in-process.
 """
 
 from __future__ import annotations
@@ -48,7 +51,14 @@ _HEADER = struct.Struct("!I")
 
 
 def enabled() -> bool:
-    return os.environ.get("KVBENCH_WARM", "") not in ("", "0") and not os.environ.get("SLURM_JOB_ID")
+    return (os.environ.get("KVBENCH_WARM", "") not in ("", "0") and not os.environ.get("SLURM_JOB_ID")
+            and sys.platform == "linux" and not gpu_visible())
+
+
+def gpu_visible() -> bool:
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"))
 
 
 def _state_dir() -> str:
@@ -257,7 +267,22 @@ def _child(request: dict, fds: list[int]) -> None:
             os._exit(code)
 
 
+def _sweep(base: str, max_age_s: float = 86400) -> None:
+    """Logs and locks of servers gone for a day (each change of source or environment makes a key)."""
+    now = time.time()
+    for name in os.listdir(base):
+        stem, ext = os.path.splitext(name)
+        p = os.path.join(base, name)
+        if ext in (".log", ".lock") and not os.path.exists(os.path.join(base, stem + ".sock")):
+            try:
+                if now - os.stat(p).st_mtime > max_age_s:
+                    os.unlink(p)
+            except OSError:
+                pass
+
+
 def serve(path: str, idle_s: float = IDLE_S) -> None:
+    _sweep(os.path.dirname(path))
     _warm_imports()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
