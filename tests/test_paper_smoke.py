@@ -57,7 +57,7 @@ def test_plans_every_study(tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("KVBENCH_PAPER_SMOKE"),
-                    reason="the paper-shaped run takes 100 min to 3 h on 2 cores to itself: KVBENCH_PAPER_SMOKE=1")
+                    reason="the paper-shaped run takes ~45 min on 2 cores to itself: KVBENCH_PAPER_SMOKE=1")
 def test_every_study_produces_its_table_and_figures(tmp_path):
     from kvbench.config import job_table, load_config
 
