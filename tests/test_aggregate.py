@@ -361,3 +361,23 @@ def test_samples_with_an_empty_hypothesis_are_skipped_in_lagging_and_counted():
     cell = agg._cell(rows)
     assert cell["lagging_skipped"] == 1
     assert cell["al"] == pytest.approx(rows["al"].iloc[1:].mean())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_a_figures_title_never_overlaps_its_panels(rows):
+    """The title sits above the panel titles however many rows a figure has (a tall figure's 2% top
+    margin once put it over the first row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from kvbench.figures._draw import legend, panel_grid
+
+    d = pd.DataFrame({"model": [f"m{i}" for i in range(rows) for _ in range(4)], "dataset": "d",
+                      "panel": [f"budget {b} tokens" for _ in range(rows) for b in (64, 128, 256, 512)]})
+    fig, grid = panel_grid(d, ["model", "dataset"], [f"budget {b} tokens" for b in (64, 128, 256, 512)], "A title")
+    legend(fig, [])
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(r)
+    assert title.y1 <= fig.bbox.y1
+    assert all(title.y0 > ax.title.get_window_extent(r).y1 for ax, _ in grid)

@@ -125,7 +125,7 @@ def panel_grid(d: pd.DataFrame, rows: list[str], panels: list[str], title: str, 
     row_keys = sorted(d["row"].unique())
     fig, axes = plt.subplots(len(row_keys), len(panels), squeeze=False, sharey=sharey,
                              figsize=(3.8 * len(panels) + 0.6, 3.1 * len(row_keys) + 0.7))
-    fig.suptitle(title)
+    suptitle(fig, title)
     out = []
     for i, rk in enumerate(row_keys):
         for j, pn in enumerate(panels):
@@ -135,9 +135,17 @@ def panel_grid(d: pd.DataFrame, rows: list[str], panels: list[str], title: str, 
     return fig, out
 
 
+def suptitle(fig, title: str) -> None:
+    """The figure's title a fixed 0.08 in below the top edge (matplotlib's default, 2% of the height,
+    put it over the first row of a tall figure); legend() keeps the panels below it."""
+    fig.suptitle(title, y=1 - 0.08 / fig.get_figheight(), va="top")
+
+
 def legend(fig, handles):
-    """Legend to the right of all panels, never over the data."""
-    fig.tight_layout()
+    """Legend to the right of all panels, never over the data; the panels below the title."""
+    title = fig._suptitle
+    top = 1 - (0.1 + title.get_fontsize() / 72 * 1.25) / fig.get_figheight() if title and title.get_text() else 1
+    fig.tight_layout(rect=(0, 0, 1, top))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 

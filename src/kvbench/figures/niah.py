@@ -28,7 +28,7 @@ def plot(rows: pd.DataFrame, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from ._draw import LENGTH_LABEL, budget_key, dodge, legend, markers, method_order, no_data, palette, save
+    from ._draw import LENGTH_LABEL, budget_key, dodge, legend, markers, method_order, no_data, palette, save, suptitle
 
     t = table(rows)
     if t.empty:
@@ -46,7 +46,7 @@ def plot(rows: pd.DataFrame, out_dir: str) -> list[str]:
                              gridspec_kw={"width_ratios": [1] * len(panels) + [0.06, 1.2]},
                              figsize=(0.55 * len(lengths) * len(panels) + 1.2 * len(panels) + 5.0,
                                       0.3 * len(depths) * len(row_keys) + 1.8 * len(row_keys) + 0.6))
-    fig.suptitle(TITLE)
+    suptitle(fig, TITLE)
     pal, mk = palette(t), markers(t)
     for i, rk in enumerate(row_keys):
         sub = t[t["row"] == rk]
