@@ -177,12 +177,10 @@ def _serve_me(sock: socket.socket, argv: list[str]) -> int | None:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
-    while True:
-        try:
-            line = reader.readline()
-            break
-        except InterruptedError:
-            continue
+    try:  # a signal handled meanwhile does not interrupt the read (PEP 475)
+        line = reader.readline()
+    except OSError:  # the server died: it took the child with it
+        line = ""
     if line.startswith("exit "):
         return int(line.split()[1])
     return 1  # the server went away while the child ran (it kills its children when it ends)
