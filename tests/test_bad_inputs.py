@@ -27,6 +27,7 @@ Snakemake while it parses the config, before it plans any job.
 from __future__ import annotations
 
 import errno
+import stat
 import hashlib
 import json
 import os
@@ -1189,3 +1190,24 @@ def test_atomic_dir_replaces_only_its_own_kind(tmp_path):
             build(target, kind)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "keep"
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_outputs_get_the_umask_mode_not_the_private_temp_mode(tmp_path, umask):
+    """mkstemp/mkdtemp create 0o600/0o700: a result renamed into place keeps the mode a plain open()
+    or mkdir() gives under the process umask, so the group can read a shared results folder."""
+    from kvbench.io import atomic_dir, atomic_path, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(str(tmp_path / "t.txt"), "x")
+        with atomic_path(str(tmp_path / "r.parquet"), suffix=".parquet") as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"x")
+        with atomic_dir(str(tmp_path / "m"), "model") as tmp:
+            open(os.path.join(tmp, "w.txt"), "w").write("x")
+    finally:
+        os.umask(old)
+    for name in ("t.txt", "r.parquet"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
+    assert stat.S_IMODE(os.stat(tmp_path / "m").st_mode) == 0o777 & ~umask

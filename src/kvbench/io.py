@@ -112,6 +112,27 @@ def check_out_file(path: str, owned: Callable[[str], bool] | None = None, what: 
                           f"give another name (or remove it yourself)")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def _publish_mode(tmp: str, base: int) -> None:
+    """Give a finished temp file (base 0o666) or folder (0o777) the mode a plain open()/mkdir()
+    would have: mkstemp/mkdtemp create them private (0o600/0o700), so results renamed into place
+    would be unreadable to the group and others that the umask lets read them."""
+    os.chmod(tmp, base & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
     """Yield a temporary file path next to `path`; on success rename it to `path`. `path` may not be
@@ -128,6 +149,7 @@ def atomic_path(path: str, suffix: str = ""):
     try:
         try:
             yield tmp
+            _publish_mode(tmp, 0o666)
             os.replace(tmp, path)
         except OSError as e:
             raise _named(e, path) from e
@@ -165,6 +187,7 @@ def atomic_dir(path: str, kind: str = "model"):
             json.dump({"kind": kind}, f)
         check_out_dir(path, kind)  # nothing else appeared there while we worked
         try:
+            _publish_mode(tmp, 0o777)
             if os.path.isdir(path):
                 # the previous build moves to a temp name (swept if we die before removing it)
                 old = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
