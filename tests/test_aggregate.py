@@ -381,3 +381,36 @@ def test_a_figures_title_never_overlaps_its_panels(rows):
     title = fig._suptitle.get_window_extent(r)
     assert title.y1 <= fig.bbox.y1
     assert all(title.y0 > ax.title.get_window_extent(r).y1 for ax, _ in grid)
+
+
+@pytest.mark.parametrize("lengths", [(2000, 4096, 5000, 10000, 20000), (410, 500, 1000, 2000, 4000, 8000)])
+def test_length_axis_labels_never_overlap(tmp_path, lengths):
+    """The paper's grids mix close lengths (4096 and 5000): every length gets a tick, labels that would
+    print over each other are dropped (the longest is always labelled), and the points stay at their
+    lengths (log2 scale once lengths span 4x)."""
+    import matplotlib.pyplot as plt
+
+    cells = pd.DataFrame([dict(task="translate_stream", model="m", dataset="d", method="full", budget="full", length=n,
+                               bleu=90.0, quality_meaningful=True) for n in lengths])
+    seen = {}
+    real_save = _draw.save
+
+    def keep(fig, data, out_dir, name):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        seen["ticks"] = list(ax.get_xticks())
+        seen["boxes"] = [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()]
+        seen["texts"] = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        seen["scale"] = ax.get_xscale()
+        return real_save(fig, data, out_dir, name)
+
+    _draw.save = keep
+    try:
+        figures.REGISTRY["bleu"].draw(cells, str(tmp_path))
+    finally:
+        _draw.save = real_save
+        plt.close("all")
+    assert [int(t) for t in seen["ticks"]] == list(lengths) and seen["scale"] == "log"
+    assert str(lengths[-1]) in seen["texts"] and str(lengths[0]) in seen["texts"]
+    boxes = sorted(seen["boxes"], key=lambda b: b.x0)
+    assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:])), seen["texts"]

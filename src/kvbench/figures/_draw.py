@@ -5,15 +5,18 @@ document length, one line per method, one panel per budget) that several figures
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.lines import Line2D
+from matplotlib.ticker import NullLocator
 
 from kvbench.io import atomic_path
 
@@ -80,13 +83,43 @@ def markers(cells: pd.DataFrame) -> dict:
     return {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(pal)}
 
 
-def dodge(d: pd.DataFrame, x: str) -> pd.Series:
-    """x shifted a little per method (within +-2% of the axis span), so equal series stay visible."""
+def geometric(lengths) -> bool:
+    """Whether a length axis is drawn in log2 scale: lengths spanning 4x or more (256-1024, or the
+    paper's 2000-20000), where a linear axis crowds the short ones together."""
+    vals = [float(x) for x in pd.Series(lengths).dropna().unique()]
+    return len(vals) > 1 and min(vals) > 0 and max(vals) / min(vals) >= 4
+
+
+def dodge(d: pd.DataFrame, x: str, log: bool | None = None) -> pd.Series:
+    """x shifted a little per method (within +-2% of the axis span), so equal series stay visible;
+    on a log2 axis (`log`, default: `geometric(d[x])`) the shift is a factor, the same width everywhere."""
     methods = method_order(d["method"])
-    span = (d[x].max() - d[x].min()) or max(abs(d[x].max()), 1)
+    log = geometric(d[x]) if log is None else log
+    v = np.log2(d[x].astype(float)) if log else d[x]
+    span = (v.max() - v.min()) or max(abs(v.max()), 1)
     step = 0.04 * span / max(len(methods) - 1, 1)
-    offset = {m: (i - (len(methods) - 1) / 2) * step for i, m in enumerate(methods)}
-    return d[x] + d["method"].map(offset)
+    offset = d["method"].map({m: (i - (len(methods) - 1) / 2) * step for i, m in enumerate(methods)})
+    return np.exp2(v + offset) if log else v + offset
+
+
+def length_axis(ax, lengths, fontsize=None, min_gap: float = 0.12) -> None:
+    """Ticks at every length, labelled where the labels fit: log2 scale for `geometric` lengths, and
+    a label dropped when it would sit within `min_gap` of the axis span of the previous one (the last
+    length always labelled), so 4096 and 5000, or 410 and 500, do not print over each other."""
+    vals = sorted({int(x) for x in pd.Series(lengths).dropna()})
+    log = geometric(vals)
+    if log:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_minor_locator(NullLocator())
+    pos = [math.log2(x) if log else float(x) for x in vals]
+    span = (pos[-1] - pos[0]) or 1.0
+    show, last = [False] * len(vals), None
+    for i in range(len(vals)):
+        if last is None or pos[i] - pos[last] >= min_gap * span:
+            show[i], last = True, i
+    if len(vals) > 1 and not show[-1]:  # the longest is labelled; the label crowding it goes
+        show[-1], show[last] = True, last == 0
+    ax.set_xticks(vals, [str(x) if s else "" for x, s in zip(vals, show)], fontsize=fontsize)
 
 
 def same_series(d: pd.DataFrame, y: str) -> dict:
@@ -176,7 +209,7 @@ def lines(cells, task, y, *, name, title, ylabel, out_dir, rows=("model", "datas
         for m in method_order(sub["method"]):  # equal series are dodged apart and keep their own markers
             s_ = sub[sub["method"] == m].assign(x=x_dodged).sort_values("length")
             ax.plot(s_["x"], s_[y] / scale, color=pal[m], marker=mk[m], ms=5, lw=1.5, alpha=0.9)
-        ax.set_xticks(sorted(d["length"].unique()))
+        length_axis(ax, d["length"])
         ax.set_xlabel(LENGTH_LABEL)
         ax.set_ylabel(ylabel)
         if wide:

@@ -28,7 +28,8 @@ def plot(rows: pd.DataFrame, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from ._draw import LENGTH_LABEL, budget_key, dodge, legend, markers, method_order, no_data, palette, save, suptitle
+    from ._draw import (LENGTH_LABEL, budget_key, dodge, legend, length_axis, markers, method_order, no_data, palette,
+                        save, suptitle)
 
     t = table(rows)
     if t.empty:
@@ -78,7 +79,7 @@ def plot(rows: pd.DataFrame, out_dir: str) -> list[str]:
             ax.plot(s_["x"], s_["accuracy"], color=pal.get(p.method, "grey"), marker=mk.get(p.method, "o"), ms=4,
                     ls="-" if p.budget == "full" or p.budget == panels[-1].budget else "--", label=p.panel)
         ax.set_ylim(-0.05, 1.05)
-        ax.set_xticks(lengths, [str(x) for x in lengths], fontsize="x-small")
+        length_axis(ax, lengths, fontsize="x-small")
         ax.set_xlabel(LENGTH_LABEL, fontsize="small")
         ax.set_ylabel("accuracy (all depths)", fontsize="small")
         ax.set_title("summary", fontsize="small")
