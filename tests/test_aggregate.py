@@ -304,6 +304,23 @@ def test_headline_names_the_best_method_per_budget_against_full(run, capsys):
     assert "figures:" in out and "cells.csv" in out and "report.html" in out
 
 
+def drawn(name, cells, tmp_path, look) -> dict:
+    """Draw figure `name` from `cells` and return look(fig), taken just before the figure is saved."""
+    seen = {}
+    real_save = _draw.save
+
+    def keep(fig, data, out_dir, fig_name):
+        seen.update(look(fig))
+        return real_save(fig, data, out_dir, fig_name)
+
+    _draw.save = keep
+    try:
+        figures.REGISTRY[name].draw(cells, str(tmp_path))
+    finally:
+        _draw.save = real_save
+    return seen
+
+
 def test_figures_keep_one_colour_per_method_and_show_equal_series(tmp_path):
     """A method's colour does not depend on which methods a figure shows; identical series are
     named in the legend and dodged apart; BLEU is drawn on its whole scale."""
@@ -319,21 +336,9 @@ def test_figures_keep_one_colour_per_method_and_show_equal_series(tmp_path):
                               for m, b, v in (("full", "full", 99.0), ("a", "64", 80.0), ("b", "64", 80.0),
                                               ("c", "64", 80.01))
                               for n in (512, 1024)])
-        seen = {}
-        real_save = _draw.save
-
-        def keep(fig, data, out_dir, name):
-            seen["fig"] = fig
-            seen["labels"] = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
-            seen["ylim"] = fig.axes[0].get_ylim()
-            seen["x"] = {tuple(line.get_xdata()) for line in fig.axes[0].get_lines()}
-            return real_save(fig, data, out_dir, name)
-
-        _draw.save = keep
-        try:
-            figures.REGISTRY["bleu"].draw(cells, str(tmp_path))
-        finally:
-            _draw.save = real_save
+        seen = drawn("bleu", cells, tmp_path, lambda fig: dict(
+            labels=[t.get_text() for leg in fig.legends for t in leg.get_texts()], ylim=fig.axes[0].get_ylim(),
+            x={tuple(line.get_xdata()) for line in fig.axes[0].get_lines()}))
         assert "b (same as a)" in seen["labels"] and "c" in seen["labels"]
         assert seen["ylim"][0] <= 0 and seen["ylim"][1] >= 100
         assert len(seen["x"]) == 4  # four series, four distinct x positions: none hidden under another
@@ -392,24 +397,15 @@ def test_length_axis_labels_never_overlap(tmp_path, lengths):
 
     cells = pd.DataFrame([dict(task="translate_stream", model="m", dataset="d", method="full", budget="full", length=n,
                                bleu=90.0, quality_meaningful=True) for n in lengths])
-    seen = {}
-    real_save = _draw.save
-
-    def keep(fig, data, out_dir, name):
+    def look(fig):
         fig.canvas.draw()
         ax = fig.axes[0]
-        seen["ticks"] = list(ax.get_xticks())
-        seen["boxes"] = [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()]
-        seen["texts"] = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
-        seen["scale"] = ax.get_xscale()
-        return real_save(fig, data, out_dir, name)
+        labels = [t for t in ax.get_xticklabels() if t.get_text()]
+        return dict(ticks=list(ax.get_xticks()), boxes=[t.get_window_extent() for t in labels],
+                    texts=[t.get_text() for t in labels], scale=ax.get_xscale())
 
-    _draw.save = keep
-    try:
-        figures.REGISTRY["bleu"].draw(cells, str(tmp_path))
-    finally:
-        _draw.save = real_save
-        plt.close("all")
+    seen = drawn("bleu", cells, tmp_path, look)
+    plt.close("all")
     assert [int(t) for t in seen["ticks"]] == list(lengths) and seen["scale"] == "log"
     assert str(lengths[-1]) in seen["texts"] and str(lengths[0]) in seen["texts"]
     boxes = sorted(seen["boxes"], key=lambda b: b.x0)
