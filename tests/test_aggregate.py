@@ -410,3 +410,15 @@ def test_length_axis_labels_never_overlap(tmp_path, lengths):
     assert str(lengths[-1]) in seen["texts"] and str(lengths[0]) in seen["texts"]
     boxes = sorted(seen["boxes"], key=lambda b: b.x0)
     assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:])), seen["texts"]
+
+
+def test_pareto_labels_each_budget_once_at_its_best_point(tmp_path):
+    """The methods of one budget hold the same bytes and sit on one vertical: the budget is labelled
+    once, at its best BLEU, not once per method on top of each other."""
+    rows = [("full", "full", 4e6, 95.0), ("a", "64", 2.5e5, 81.0), ("b", "64", 2.5e5, 52.0), ("c", "64", 2.5e5, 60.0),
+            ("a", "128", 5e5, 85.0), ("b", "128", 5e5, 93.0)]
+    cells = pd.DataFrame([dict(task="translate_stream", model="m", dataset="d", method=m, budget=b, length=1024,
+                               cache_bytes_peak=x, bleu=v, quality_meaningful=True) for m, b, x, v in rows])
+    seen = drawn("pareto", cells, tmp_path, lambda fig: dict(
+        notes=sorted((t.get_text(), t.xy[1]) for t in fig.axes[0].texts)))
+    assert seen["notes"] == [("128", 93.0), ("64", 81.0), ("full", 95.0)]
