@@ -90,11 +90,11 @@ def geometric(lengths) -> bool:
     return len(vals) > 1 and min(vals) > 0 and max(vals) / min(vals) >= 4
 
 
-def dodge(d: pd.DataFrame, x: str, log: bool | None = None) -> pd.Series:
-    """x shifted a little per method (within +-2% of the axis span), so equal series stay visible;
-    on a log2 axis (`log`, default: `geometric(d[x])`) the shift is a factor, the same width everywhere."""
+def dodge(d: pd.DataFrame, x: str) -> pd.Series:
+    """x shifted a little per method (within +-2% of the axis span), so equal series stay visible; on
+    a log2 axis (`geometric` x, as `length_axis` draws it) the shift is a factor, the same width everywhere."""
     methods = method_order(d["method"])
-    log = geometric(d[x]) if log is None else log
+    log = geometric(d[x])
     v = np.log2(d[x].astype(float)) if log else d[x]
     span = (v.max() - v.min()) or max(abs(v.max()), 1)
     step = 0.04 * span / max(len(methods) - 1, 1)

@@ -42,8 +42,8 @@ def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> d
     token_cap = TOKEN_CAP_A * sum(len(w) for w in src) + TOKEN_CAP_B
     max_word = max_word_tokens(src)
     # tokens read but not fed yet: a READ's words ride in the forward of the target token that follows
-    # them (the same stream, in the same order, in one forward instead of two: the session runs a
-    # forward stepwise when a head would pass its budget inside it, so this is what feeding them one by one computes)
+    # them (the same stream in the same order, one forward instead of two; the session runs a forward
+    # stepwise when a head would pass its budget inside it, so this computes what separate feeds do)
     pend_ids, pend_pos, pend_role = list(instr), list(range(len(instr))), [ROLE_INSTR] * len(instr)
     src_pos, tgt_pos, read = len(instr), target_offset, 0
 
@@ -52,14 +52,16 @@ def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> d
         ids = pend_ids + list(tokens)
         pos = pend_pos + list(range(tgt_pos, tgt_pos + len(tokens)))
         out = session.feed(ids, pos, pend_role + [ROLE_TARGET] * len(tokens))
-        pend_ids.clear(), pend_pos.clear(), pend_role.clear()
+        del pend_ids[:], pend_pos[:], pend_role[:]
         tgt_pos += len(tokens)
         return out
 
     def read_word():
         nonlocal src_pos, read
         w = src[read]
-        pend_ids.extend(w), pend_pos.extend(range(src_pos, src_pos + len(w))), pend_role.extend([ROLE_SOURCE] * len(w))
+        pend_ids.extend(w)
+        pend_pos.extend(range(src_pos, src_pos + len(w)))
+        pend_role.extend([ROLE_SOURCE] * len(w))
         src_pos += len(w)
         read += 1
 
@@ -95,7 +97,8 @@ def translate(session, prompter, doc: dict, k: int, target_offset: int = 0) -> d
             break
         if read < len(src):
             read_word()
-    if pend_ids:  # the last READ: the stream holds it as before (memory and token counts see it)
+    if pend_ids:  # a READ no WRITE followed: fed, so the stream, token counts and memory hold it (today's word
+        # cap lies above the source length, so every READ is followed by a WRITE; this keeps it so if caps change)
         session.feed(pend_ids, pend_pos, pend_role)
     hyp_text, ref = prompter.decode(hyp), doc.get("target", "")
     # SimulEval 1.1.4's AL/LAAL: an empty hypothesis is skipped (NaN), |ref| = words split on " "
