@@ -163,7 +163,7 @@ ENGINE_FUNCS = [  # (file suffix, function) -> label; cumulative time per decode
     ("hf.py", "rotation", "    StoreCache.rotation (re-indexed positions)"),
     ("streams.py", "reindexed_positions", "      reindexed_positions"),
     ("hf.py", "rope_tables", "      rope_tables (cos/sin)"),
-    ("hf.py", "rope_apply", "    rope_apply (q and k, re-indexed positions)"),
+    ("hf.py", "rope_apply_wide", "    rope_apply_wide (q and k, re-indexed positions)"),
     ("session.py", "observe", "  MemoryStats.observe"),
 ]
 

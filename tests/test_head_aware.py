@@ -124,6 +124,32 @@ def test_local_rule_h2o_with_equal_shares_is_h2o(tiny, docs):
                 assert got == kept(b[0])[li][h]
 
 
+def test_type_shortcut_equals_the_per_head_choice():
+    """head_aware skips the rule no head of a view needs (host-side type names): on views all local,
+    all non-local and mixed, unordered slots and random scores, the mask equals the per-head choice
+    between the window and the heavy-hitter rule (`kinds` unknown: both rules, then torch.where)."""
+    from kvbench.methods.base import LayerView
+
+    g = torch.Generator().manual_seed(0)
+    m = method_from_config("head_aware", {})
+    h, c = 3, 40
+    for kinds in (("local",) * 3, ("retrieval", "induction", "retrieval"), ("local", "retrieval", "local")):
+        for trial in range(5):
+            seq = torch.stack([torch.randperm(c, generator=g) for _ in range(h)])
+            valid = torch.rand(h, c, generator=g) > 0.2
+            score = torch.rand(h, c, generator=g)
+            types = {t: torch.tensor([k == t for k in kinds]) for t in set(kinds)}
+            budgets = torch.tensor([12, 9, 20])
+            views = [LayerView(seq, seq, torch.zeros_like(seq), valid, score, ordered=False, types=types, kinds=k)
+                     for k in (kinds, None)]
+            fast, ref = (m.select(v, budgets) for v in views)
+            assert torch.equal(fast, ref), (kinds, trial)
+            window = method_from_config("streaming_llm", {}).select(views[1], budgets)
+            for r, k in enumerate(kinds):  # and the choice is the type's rule
+                if k == "local":
+                    assert torch.equal(fast[r], window[r])
+
+
 def test_head_budgets_follow_each_layers_types():
     """Per layer: budgets sum to the uniform total, every head keeps n_sink + 1, and the rest is split in
     proportion to the shares of the head's own type in its own layer (within one token)."""

@@ -1,6 +1,8 @@
 """In-place eviction keeps exactly the entries the compacting store kept, at every step, for every
 dense evicting method: the same (stream index, position, role) per head after every eviction of
-every layer, through stepwise prefill chunks, GPE source/target groups and decode steps; attention
+every layer, through stepwise prefill chunks, GPE source/target groups and decode steps, with the
+engine's shortcuts on (rowwise rules selecting for all layers at once, entries-only rules reusing a
+layer's mask) against the compacting store selecting layer by layer; attention
 reads the same entries, so the logits agree to float tolerance (only the summation order differs).
 And it never reallocates: at budget B the buffers reach B + 1 slots once and stay there."""
 
@@ -61,24 +63,30 @@ def entries(store) -> list[torch.Tensor]:
     return [out[h] for h in sorted(out)]
 
 
-def run(model, mtype, params, inplace: bool):
+def run(model, mtype, params, inplace: bool, batched: bool | None = None):
     """Feed a stream in chunks (stepwise past the budget) then decode; record each layer's live
-    entries per head, in stream order, after every eviction, and the logits of every feed."""
-    Session.inplace = inplace
+    entries per head, in stream order, after every eviction (a stepwise token's, layer by layer; a
+    plain forward's, every layer at once), and the logits of every feed. batched (default: inplace):
+    a rowwise rule selects for every layer at once after a plain forward (False: layer by layer)."""
+    Session.inplace, Session.batched = inplace, inplace if batched is None else batched
     try:
         g = model.config
         prof = mixed_profile(g.num_hidden_layers, g.num_key_value_heads)
         sess = Session(model, method_from_config(mtype, params), BUDGET, chunk_size=16, profile=prof)
     finally:
-        Session.inplace = True
+        Session.inplace = Session.batched = True
     log = []
-    orig = sess._evict_layer
+    plain, stepwise = sess._evict, sess.step_evict
 
-    def evict(i):
-        orig(i)
-        log.append((i, entries(sess.stores[i])))
+    def evict():
+        plain()
+        log.append((-1, [e for s in sess.stores for e in entries(s)]))
 
-    sess._evict_layer = evict
+    def step_evict(layer, i):
+        stepwise(layer, i)
+        log.append((layer, entries(sess.stores[layer])))
+
+    sess._evict, sess.step_evict = evict, step_evict
     ids, pos, role = stream(90, g.vocab_size)
     logits = [sess.feed(ids[:40], pos[:40], role[:40], logits="all"), sess.feed(ids[40:], pos[40:], role[40:], logits="all")]
     p, r = int(pos[-1]) + 1, ROLE_TARGET
@@ -116,3 +124,60 @@ def test_inplace_store_never_reallocates_after_reaching_its_budget(tiny):
         sess.feed([5], [p + i], [ROLE_TARGET])
     assert [s._k.data_ptr() for s in sess.stores] == bufs
     assert all(s.capacity == BUDGET + 1 and max(s.n_live) == BUDGET for s in sess.stores)
+
+
+@pytest.mark.parametrize("mtype", ["streaming_llm", "h2o", "uniform"])
+def test_a_decode_step_selects_once_for_every_layer(tiny, mtype):
+    """The shortcuts the entry test above proves exact are really taken: after a plain one-token
+    forward a rowwise rule is called once for all layers (their heads stacked); with batching off, once
+    per layer, except an entries-only rule (StreamingLLM), whose first layer's mask the others reuse."""
+    model = tiny[0]
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    reuse = mtype == "streaming_llm"
+    for batched, rows in ((True, [n_layers * n_heads]), (False, [n_heads] * (1 if reuse else n_layers))):
+        sess, _, _ = run(model, mtype, {}, inplace=True, batched=batched)
+        seen = []
+        cls = type(sess.method)
+        orig = cls.select
+        cls.select = lambda self, view, b: seen.append(view.seq.shape[0]) or orig(self, view, b)
+        try:
+            Session.batched = batched
+            sess.feed([5], [200], [ROLE_TARGET])
+        finally:
+            cls.select = orig
+            Session.batched = True
+        assert seen == rows, (batched, seen)
+
+
+def test_entries_only_reuse_checks_the_budgets(tiny):
+    """A StreamingLLM whose layers give their two KV heads budgets B and B - 6 in alternating order
+    (so every layer has the same slot count and, before its first eviction, the same entries as the
+    one before): a layer may reuse the previous layer's mask only under the same budgets, so the
+    entries still equal the compacting reference selecting layer by layer."""
+    from kvbench.methods.streaming_llm import StreamingLLM
+
+    def budgets_of(li):
+        return [BUDGET, BUDGET - 6][::1 if li % 2 == 0 else -1]
+
+    class Alternating(StreamingLLM):
+        def head_budgets(self, budget, n_layers, n_heads, profile=None):
+            assert n_heads == 2
+            return torch.tensor([budgets_of(li) for li in range(n_layers)])
+
+    model = tiny[0]
+    ids, pos, role = stream(90, model.config.vocab_size)
+    got = []
+    for inplace in (True, False):
+        Session.inplace = Session.batched = inplace
+        try:
+            sess = Session(model, Alternating(positions="shifted"), BUDGET, chunk_size=16)
+        finally:
+            Session.inplace = Session.batched = True
+        sess.feed(ids[:40], pos[:40], role[:40])
+        sess.feed(ids[40:], pos[40:], role[40:])
+        for i in range(5):
+            sess.feed([5], [int(pos[-1]) + 1 + i], [ROLE_TARGET])
+        got.append([entries(s) for s in sess.stores])
+        assert [s.n_live for s in sess.stores] == [budgets_of(li) for li in range(len(sess.stores))]
+    for a, b in zip(*got):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

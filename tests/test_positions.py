@@ -298,3 +298,23 @@ def test_shifted_positions_bounded_sinks_fixed_offsets_kept(tiny, docs, layout_n
                 capped += 1
                 assert layout_name == "oracle"
     assert (capped > 0) == (layout_name == "oracle" and w < 100)
+
+
+@pytest.mark.parametrize("rotary", [64, 32, 48])
+def test_wide_rope_tables_rotate_as_the_half_tables(rotary):
+    """Attention rotates with `rope_wide` tables (x cos + swap(x) sin, four ops) what `rope_apply`
+    rotates half by half: the same float32 values, bit for bit, full and partial rotary (the dims past
+    R pass through), and broadcast over the query heads of a KV head."""
+    from kvbench.engine.hf import rope_apply, rope_apply_wide, rope_wide
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 64, generator=g)
+    ang = torch.randn(2, 9, rotary // 2, generator=g) * 100
+    cos, sin = ang.cos(), ang.sin()
+    cw, sw = rope_wide(cos, sin, 64)
+    assert torch.equal(rope_apply_wide(x, cw, sw, rotary // 2), rope_apply(x, cos, sin))
+    q = torch.randn(2, 3, 9, 64, generator=g)  # (KV heads, query heads per KV head, n, D)
+    want = rope_apply(q.reshape(6, 9, 64), cos.repeat_interleave(3, 0), sin.repeat_interleave(3, 0))
+    assert torch.equal(rope_apply_wide(q, cw[:, None], sw[:, None], rotary // 2).reshape(6, 9, 64), want)
+    if rotary < 64:
+        assert torch.equal(rope_apply_wide(x, cw, sw, rotary // 2)[..., rotary:], x[..., rotary:])

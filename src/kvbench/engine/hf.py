@@ -107,8 +107,9 @@ class StoreCache(Cache):
         self.max_position = -1  # largest re-indexed position attention has rotated a query or key to
         super().__init__(layers=[StoreLayer(s, self) for s in stores])
 
-    def rotation(self, store, step: int = 0, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (H, C, D/2) float32 of the positions the positioner gives for `store`; a layer
+    def rotation(self, store, step: int = 0, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """cos, sin (H, C, D) float32 of the positions the positioner gives for `store`, as `rope_wide`
+        lays them out, and R/2 (the rotated pairs); a layer
         holding the same entries as the previous one (every layer, under a layer-independent rule)
         shares its table (positions are a function of the entries and the session's state, which
         does not change within a forward). `layer_type`: the layer's RoPE when the model has one per
@@ -117,14 +118,15 @@ class StoreCache(Cache):
         if t is not None and t[0].shape == store.seq.shape and torch.equal(t[0], store.seq) \
                 and torch.equal(t[1], store.valid):
             self._last_positions = t[2]
-            return t[3], t[4]  # same entries as the previous layer at this step: same positions
+            return t[3], t[4], t[5]  # same entries as the previous layer at this step: same positions
         p = self.positioner(store)
         self.max_position = max(self.max_position, int(p[store.valid].max()))
         # snapshots of seq and valid: a store evicting in place changes its own tensors later on
+        cos, sin = rope_tables(self.model, p, layer_type)
         t = self._tables[step, layer_type] = (store.seq.clone(), store.valid.clone(), p,
-                                              *rope_tables(self.model, p, layer_type))
+                                              *rope_wide(cos, sin, store.d), cos.shape[-1])
         self._last_positions = p
-        return t[3], t[4]
+        return t[3], t[4], t[5]
 
 
 def _no_mask(*args, **kwargs):
@@ -279,13 +281,13 @@ def _attend(module, query, key, value, store, cache, seq, role, scaling, step: i
     hq, hkv = query.shape[1], key.shape[1]
     g = hq // hkv
     if cache.positioner is not None:  # unrotated q and k: rotate both to this forward's positions
-        cos, sin = cache.rotation(store, step, rope_layer_type(module))  # (Hkv, C, R/2)
-        n = query.shape[2]
-        key = rope_apply(key[0], cos, sin)[None]
+        cos, sin, half = cache.rotation(store, step, rope_layer_type(module))  # (Hkv, C, D), R/2
+        n, d = query.shape[2], query.shape[3]
+        key = rope_apply_wide(key[0], cos, sin, half)[None]
         cache.transient_peak = max(cache.transient_peak, _nbytes(key))  # the rotated copy of every key
-        idx = store.new_slots[..., None].expand(-1, -1, cos.shape[-1])  # (Hkv, n, R/2): the new tokens' slots
-        qc, qs = (x.gather(1, idx).repeat_interleave(g, dim=0) for x in (cos, sin))
-        query = rope_apply(query[0], qc, qs)[None]
+        idx = store.new_slots[..., None].expand(-1, -1, d)  # (Hkv, n, D): the new tokens' slots
+        qc, qs = (x.gather(1, idx)[:, None] for x in (cos, sin))  # (Hkv, 1, n, D): every query head of a KV head
+        query = rope_apply_wide(query[0].view(hkv, g, n, d), qc, qs, half).view(1, hq, n, d)
     if cache.trace is not None:
         cache.trace.append(dict(layer=module.layer_idx, q=query[0].detach().clone(), k=key[0].detach().clone(),
                                 kseq=store.seq.clone(), kvalid=store.valid.clone(), qseq=seq.clone(),
@@ -299,20 +301,20 @@ def _attend(module, query, key, value, store, cache, seq, role, scaling, step: i
         out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=m[None], scale=scaling)
         out = out.reshape(1, hq, n, d)
     else:
-        n, d = query.shape[2], query.shape[3]
-        q = query[0].reshape(hkv, g, n, d)  # (Hkv, g, n, D): query heads grouped by KV head
+        n, d, c = query.shape[2], query.shape[3], key.shape[2]
+        q = query[0].reshape(hkv, g * n, d)  # query heads grouped by KV head (row = i * n + t)
         kf, vf = key[0].float(), value[0].float()
         if kf is not key[0]:  # up-cast copies (a half-precision cache)
             cache.transient_peak = max(cache.transient_peak, _nbytes(kf, vf))
-        s = torch.einsum("hgnd,hcd->hgnc", q.float(), kf) * scaling
+        s = torch.bmm(q.float(), kf.transpose(1, 2)).mul_(scaling).view(hkv, g, n, c)
         if softcap is not None:  # Gemma 2: logits soft-capped before the mask
             s = torch.tanh(s / softcap) * softcap
-        s = s.masked_fill(~mask[:, None], float("-inf"))
+        s.masked_fill_(~mask[:, None], float("-inf"))
         p = torch.softmax(s, dim=-1)  # (Hkv, g, n, C)
         store.observe(p.sum(dim=1))
         if store.recorded is not None:  # head profiling: keep every query's attention row
             store.recorded.append(p.reshape(hq, n, -1))
-        out = torch.einsum("hgnc,hcd->hgnd", p, vf).to(query.dtype).reshape(1, hq, n, d)
+        out = torch.bmm(p.view(hkv, g * n, c), vf).to(query.dtype).reshape(1, hq, n, d)
     return out.transpose(1, 2).contiguous()  # (1, n, Hq, D)
 
 
@@ -395,6 +397,30 @@ def rope_tables(model, delta: torch.Tensor, layer_type: str | None = None) -> tu
     inv_freq = inv_freq.to(delta.device, torch.float32)  # (R/2,), R <= D
     ang = delta[..., None].float() * inv_freq  # (H, C, D/2)
     return ang.cos(), ang.sin()
+
+
+def rope_wide(cos: torch.Tensor, sin: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables of `rope_tables` (..., R/2) laid out over the head dim (..., D) for `rope_apply_wide`:
+    cos as [cos, cos, 1 ...], sin as [-sin, sin, 0 ...] (the D - R dims past a partial rotary pass through)."""
+    rest = d - 2 * cos.shape[-1]
+    c, s = [cos, cos], [-sin, sin]
+    if rest:
+        c.append(cos.new_ones(cos.shape[:-1] + (rest,)))
+        s.append(sin.new_zeros(sin.shape[:-1] + (rest,)))
+    return torch.cat(c, dim=-1), torch.cat(s, dim=-1)
+
+
+def rope_apply_wide(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
+    """`rope_apply` with the wide tables of `rope_wide` (broadcast against x (..., D)): x cos + swap(x) sin,
+    swap exchanging the two rotated halves, in four ops; the same float32 values as rope_apply (its
+    k1 cos - k2 sin is k1 cos + k2 (-sin) exactly), rounded once to x's dtype."""
+    k = x.float()
+    if 2 * half == k.shape[-1]:
+        swapped = torch.roll(k, half, dims=-1)
+    else:  # partial rotary: the dims past R stay in place (their sin is 0)
+        swapped = torch.cat([k[..., half:2 * half], k[..., :half], k[..., 2 * half:]], dim=-1)
+    out = k * cos
+    return out.add_(swapped.mul_(sin)).to(x.dtype)
 
 
 def rope_apply(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

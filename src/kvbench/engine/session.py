@@ -113,6 +113,7 @@ def _rows(x, heads):
 class Session:
     stepwise = True  # evicting chunks run stepwise inside one forward (False: one-token forwards)
     inplace = True  # dense stores evict in place (False: the compacting reference store)
+    batched = True  # rowwise rules select for all layers at once after a plain forward (False: layer by layer)
 
     def __init__(self, model, method: Method, budget: int | None, chunk_size: int = 64, profile=None,
                  validated: bool = False):
@@ -138,8 +139,10 @@ class Session:
             self.keep = torch.stack([tokens_per_head(st, b) for st, b in zip(self.stores, self.budgets)])
         masks = [None if t is None else {n: torch.tensor([x == n for x in t], device=self.device) for n in set(t)}
                  for t in types]
-        # per layer, per part of its store: (part, the part's keep budgets, its heads' type masks)
-        self._parts = [[(p, _rows(self.keep[i] if self.keep is not None else None, heads), _rows(masks[i], heads))
+        # per layer, per part of its store: (part, the part's keep budgets, its heads' type masks and names)
+        self._parts = [[(p, _rows(self.keep[i] if self.keep is not None else None, heads), _rows(masks[i], heads),
+                         None if types[i] is None else tuple(types[i][h] for h in
+                                                             (range(p.h) if heads is None else heads.tolist())))
                         for heads, p in st.parts()] for i, st in enumerate(self.stores)]
         self.cache = hf.StoreCache(self.stores, model)
         self.seq = 0
@@ -153,6 +156,9 @@ class Session:
             self.max_lead = self.rule.max_lead if self.rule.max_lead is not None else \
                 (int(self.budgets.max()) if self.budgets is not None else 0)
             self.cache.positioner = self._positions
+        self._selected: dict = {}
+        self._stacks: dict = {}
+        self._step = 0
         self.memory = MemoryStats()
         self.tokens = 0
         self._max_fed = -1
@@ -193,6 +199,7 @@ class Session:
             seq = torch.arange(self.seq, self.seq + b - a, device=self.device)
             self.cache.pending = (seq, c_pos, c_role)  # the store keeps original positions
             self.cache._tables = {}  # rotation tables are shared by layers within one forward only
+            self._selected = {}  # token of the forward -> its first layer's selection (entries_only rules)
             if stepwise:
                 self.cache.stepwise = self
                 self._steps = [[None] * n for _ in range(2 * len(self.stores))]
@@ -240,17 +247,79 @@ class Session:
         return max(1, min(n, room)), False
 
     def _evict(self) -> None:
+        """Evict every layer over its budget after a plain forward. Under a `rowwise` rule, the parts
+        of all such layers that have the same shape (slots in use, slot order, scores) are stacked
+        head over head and selected in one call (what a rule costs is mostly per call, not per row);
+        the mask of each row is what selecting its layer alone gives (`tests/test_inplace.py`)."""
         if self.budgets is None:
             return
-        for i in range(len(self.stores)):
-            self._evict_layer(i)
+        todo = [i for i in range(len(self.stores)) if self._over(i)]
+        if not (self.batched and self.method.rowwise and len(todo) > 1):
+            for i in todo:
+                self._evict_layer(i)
+            return
+        groups: dict = {}
+        for i in todo:
+            for j, (p, *_) in enumerate(self._parts[i]):
+                groups.setdefault((p.seq.shape[1], p.ordered, p.score is not None), []).append((i, j))
+        for items in groups.values():
+            if len(items) == 1:
+                i, j = items[0]
+                p, keep, types, kinds = self._parts[i][j]
+                p.compact(self._select(i, p, keep, types, kinds))
+                continue
+            ps = [self._parts[i][j][0] for i, j in items]
+            keep, types, kinds = self._stacked(tuple(items))
+            cat = [torch.cat([getattr(p, n) for p in ps]) for n in ("seq", "pos", "role", "valid")]
+            score = torch.cat([p.score for p in ps]) if ps[0].score is not None else None
+            mask = self.method.select(LayerView(*cat, score, ordered=ps[0].ordered, types=types, kinds=kinds), keep)
+            row = 0
+            for p in ps:
+                p.compact(mask[row:row + p.h])
+                row += p.h
+
+    def _stacked(self, items: tuple) -> tuple:
+        """Budgets, type masks and type names of the parts `items` ((layer, part) pairs), stacked in
+        that order (cached: the parts and their budgets never change)."""
+        got = self._stacks.get(items)
+        if got is None:
+            parts = [self._parts[i][j] for i, j in items]
+            keep = torch.cat([k for _, k, _, _ in parts])
+            types = kinds = None
+            if all(t is not None for _, _, t, _ in parts):
+                names = sorted({n for _, _, t, _ in parts for n in t})
+                types = {n: torch.cat([t[n] if n in t else p.valid.new_zeros(p.h) for p, _, t, _ in parts])
+                         for n in names}
+                kinds = tuple(x for *_, k in parts for x in k)
+            got = self._stacks[items] = (keep, types, kinds)
+        return got
+
+    def _over(self, i: int) -> bool:
+        return any(n > b for n, b in zip(self.stores[i].n_live, self._budgets_host[i]))  # host counts: no sync
 
     def _evict_layer(self, i: int) -> None:
-        s = self.stores[i]
-        if any(n > b for n, b in zip(s.n_live, self._budgets_host[i])):  # host counts: no sync
-            for p, keep, types in self._parts[i]:  # one part, or one per head group
-                view = LayerView(p.seq, p.pos, p.role, p.valid, p.score, layer=i, ordered=p.ordered, types=types)
-                p.compact(self.method.select(view, keep))
+        if self._over(i):
+            for p, keep, types, kinds in self._parts[i]:  # one part, or one per head group
+                p.compact(self._select(i, p, keep, types, kinds))
+
+    def _select(self, i: int, p, keep, types, kinds) -> torch.Tensor:
+        """The method's keep mask for part p of layer i. A rule that reads only the entries
+        (`Method.entries_only`: seq, pos, role, valid, slot order, budgets) keeps the same slots in
+        every layer holding the same entries under the same budgets, which is every layer under such
+        a rule: the first layer of a token's eviction selects, the next ones reuse its mask when their
+        (seq, valid, order, budgets) equal its snapshot (checked, never assumed)."""
+        view = LayerView(p.seq, p.pos, p.role, p.valid, p.score, layer=i, ordered=p.ordered, types=types,
+                         kinds=kinds)
+        if not self.method.entries_only:
+            return self.method.select(view, keep)
+        memo = self._selected.get(self._step)
+        if memo is not None and memo[2] == p.ordered and torch.equal(memo[3], keep) \
+                and memo[0].shape == p.seq.shape and torch.equal(memo[0], p.seq) and torch.equal(memo[1], p.valid):
+            return memo[4]
+        mask = self.method.select(view, keep)
+        # snapshots: the store evicts in place, so its own seq and valid change with compact
+        self._selected[self._step] = (p.seq.clone(), p.valid.clone(), p.ordered, keep, mask)
+        return mask
 
     # ---- stepwise forwards (called by hf.kvbench_attention, layer by layer) --------------------
     def step_append(self, layer: int, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -261,7 +330,11 @@ class Session:
         self._steps[layer][i] = layer_stats(s)
 
     def step_evict(self, layer: int, i: int) -> None:
-        self._evict_layer(layer)
+        self._step = i
+        try:
+            self._evict_layer(layer)
+        finally:
+            self._step = 0
         self._steps[len(self.stores) + layer][i] = layer_stats(self.stores[layer])
 
     def budget_bytes(self, budget: int | None) -> int | None:

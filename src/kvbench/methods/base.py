@@ -7,6 +7,10 @@ those (never the method's name):
 - `needs_profile`: the eval job needs `results/heads/{model}.parquet` (head-aware methods).
 - `evicts`: False only for the full cache.
 - `cache_positions`: keys are re-rotated to their rank within the cache after eviction (StreamingLLM).
+- `entries_only`: `select` reads only the entries and the budgets (no scores, types or layer index),
+  so layers holding the same entries keep the same ones (the engine reuses the mask, after checking).
+- `rowwise`: `select` decides each head's row from that row alone, so the engine may select for
+  several layers at once, their heads stacked into one view (`layer` is then -1).
 - `storage`: "dense" or "quant" (bit-packed storage, see kvbench.quant). A "quant" method says what
   it wants stored as data, `quant_spec(layer, n_heads, types) -> QuantSpec`; the engine builds the store from
   it and converts the budget into tokens per head (kvbench.engine.budget). A method never imports
@@ -69,6 +73,13 @@ class Method:
     evicts: ClassVar[bool] = True
     storage: ClassVar[str] = "dense"
     layout: ClassVar[str] = "dense"  # "grouped_per_head": heads stored in groups of equal budget
+    # select() reads only the view's entries (seq, pos, role, valid, ordered) and the budgets, never
+    # scores, head types or the layer index: the engine may reuse one layer's mask for another
+    # holding the same entries under the same budgets (it checks that they are the same)
+    entries_only: ClassVar[bool] = False
+    # select() decides each KV head's row from that row alone (and its budget, type and the view's
+    # slot order): the engine may stack the rows of several layers into one view
+    rowwise: ClassVar[bool] = False
 
     @property
     def cache_positions(self) -> bool:
@@ -99,7 +110,8 @@ class Method:
 class LayerView:
     """What a selection rule sees of one layer: (H, C) tensors, live entries where valid.
     `ordered`: the store keeps each head's slots in stream order (then ranks are a cumsum).
-    `types`: the layer's profiled head types as (H,) bool masks by type name (None: no profile)."""
+    `types`: the layer's profiled head types as (H,) bool masks by type name (None: no profile);
+    `kinds`: the same on the host, one type name per head (a rule may skip what no head needs)."""
 
     seq: torch.Tensor
     pos: torch.Tensor
@@ -109,6 +121,7 @@ class LayerView:
     layer: int = -1
     ordered: bool = False
     types: dict[str, torch.Tensor] | None = None
+    kinds: tuple[str, ...] | None = None
 
     def is_type(self, name: str) -> torch.Tensor:
         """(H, 1) bool: the heads profiled as `name`."""

@@ -20,6 +20,7 @@ class H2O(Method):
     type_name = "h2o"
     paper = "Zhang et al. 2023 (NeurIPS), arXiv:2306.14048"
     needs_scores = True
+    rowwise = True
     recent_ratio: float = 0.5
 
     def validate(self, budget):

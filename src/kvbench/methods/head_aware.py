@@ -46,6 +46,7 @@ class HeadAware(Method):
     paper = "head-aware dynamic KV budgeting (this benchmark's core method); heads as in Wu et al. 2024"
     needs_scores = True
     needs_profile = True
+    rowwise = True
     layout = "grouped_per_head"
     share_retrieval: float = 2.0
     share_induction: float = 1.0
@@ -78,6 +79,11 @@ class HeadAware(Method):
 
     def select(self, view: LayerView, budgets):
         if self.local_rule == "h2o":
+            return H2O(recent_ratio=self.recent_ratio).select(view, budgets)
+        kinds = set(view.kinds) if view.kinds is not None else None
+        if kinds == {"local"}:  # every head of the view local (head groups are often one type)
+            return StreamingLLM(n_sink=self.n_sink).select(view, budgets)
+        if kinds is not None and "local" not in kinds:
             return H2O(recent_ratio=self.recent_ratio).select(view, budgets)
         local = view.is_type("local")  # (H, 1)
         window = StreamingLLM(n_sink=self.n_sink).select(view, budgets)

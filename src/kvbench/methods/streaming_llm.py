@@ -36,6 +36,8 @@ POSITIONS = REINDEX_MODES + ("original",)
 class StreamingLLM(Method):
     type_name = "streaming_llm"
     paper = "Xiao et al. 2024 (ICLR), arXiv:2309.17453"
+    entries_only = True  # sinks + recent window: a function of the entries' stream order alone
+    rowwise = True
     n_sink: int = 4
     positions: str = "shifted"
     max_lead: int | None = None
