@@ -68,13 +68,14 @@ def run(model, mtype, params, inplace: bool, batched: bool | None = None):
     entries per head, in stream order, after every eviction (a stepwise token's, layer by layer; a
     plain forward's, every layer at once), and the logits of every feed. batched (default: inplace):
     a rowwise rule selects for every layer at once after a plain forward (False: layer by layer)."""
-    Session.inplace, Session.batched = inplace, inplace if batched is None else batched
+    Session.inplace = inplace
     try:
         g = model.config
         prof = mixed_profile(g.num_hidden_layers, g.num_key_value_heads)
         sess = Session(model, method_from_config(mtype, params), BUDGET, chunk_size=16, profile=prof)
     finally:
-        Session.inplace = Session.batched = True
+        Session.inplace = True
+    sess.batched = inplace if batched is None else batched  # read at every eviction
     log = []
     plain, stepwise = sess._evict, sess.step_evict
 
@@ -141,11 +142,9 @@ def test_a_decode_step_selects_once_for_every_layer(tiny, mtype):
         orig = cls.select
         cls.select = lambda self, view, b: seen.append(view.seq.shape[0]) or orig(self, view, b)
         try:
-            Session.batched = batched
             sess.feed([5], [200], [ROLE_TARGET])
         finally:
             cls.select = orig
-            Session.batched = True
         assert seen == rows, (batched, seen)
 
 
@@ -168,11 +167,12 @@ def test_entries_only_reuse_checks_the_budgets(tiny):
     ids, pos, role = stream(90, model.config.vocab_size)
     got = []
     for inplace in (True, False):
-        Session.inplace = Session.batched = inplace
+        Session.inplace = inplace
         try:
             sess = Session(model, Alternating(positions="shifted"), BUDGET, chunk_size=16)
         finally:
-            Session.inplace = Session.batched = True
+            Session.inplace = True
+        sess.batched = inplace
         sess.feed(ids[:40], pos[:40], role[:40])
         sess.feed(ids[40:], pos[40:], role[40:])
         for i in range(5):
@@ -181,3 +181,29 @@ def test_entries_only_reuse_checks_the_budgets(tiny):
         assert [s.n_live for s in sess.stores] == [budgets_of(li) for li in range(len(sess.stores))]
     for a, b in zip(*got):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+QUANT = [("haq_kv", {"group_size": 8, "residual": 4}), ("stream_quant", {"group_size": 8, "residual": 4}),
+         ("stream_quant", {"group_size": 8, "residual": 4, "evict": "streaming_llm"}),
+         ("haq_kv", {"group_size": 8, "residual": 4, "evict": "recent"})]
+
+
+@pytest.mark.parametrize("mtype,params", QUANT, ids=[f"{m}-{p.get('evict', 'h2o')}" for m, p in QUANT])
+def test_quantized_stores_keep_the_same_entries_selected_layer_by_layer(tiny, mtype, params):
+    """Quantized methods are rowwise too (their rules: H2O, sinks + window, window; the last two
+    entries-only): selecting for every layer at once, and reusing a layer's mask, keeps exactly the
+    entries of selecting layer by layer, and the logits are the same bits. The layers' queries are
+    sharpened by different factors, so that their heavy hitters differ (random weights alone attend
+    almost alike in every layer, and any layer's mask would then do)."""
+    import copy
+
+    model = copy.deepcopy(tiny[0])
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.q_proj.weight.mul_(4.0 * (i + 1))
+    a_sess, a_log, a_logits = run(model, mtype, params, inplace=True, batched=True)
+    b_sess, b_log, b_logits = run(model, mtype, params, inplace=True, batched=False)
+    assert len(a_log) == len(b_log) > 50
+    for (ia, ha), (ib, hb) in zip(a_log, b_log):
+        assert ia == ib and all(torch.equal(x, y) for x, y in zip(ha, hb)), (mtype, params, ia)
+    assert all(torch.equal(x, y) for x, y in zip(a_logits, b_logits))

@@ -41,6 +41,7 @@ class QuantMethod(Method):
 
     storage = "quant"
     layout = "packed_quant"
+    rowwise = True  # its rules (H2O, sinks + window, window) decide head by head
     group_size: int = 32
     residual: int = 32
     evict: str = "h2o"
@@ -49,6 +50,10 @@ class QuantMethod(Method):
     @property
     def needs_scores(self) -> bool:
         return self.evict == "h2o"
+
+    @property
+    def entries_only(self) -> bool:
+        return self.evict != "h2o"
 
     def sinks(self) -> int:
         raise NotImplementedError
