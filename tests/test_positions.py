@@ -302,10 +302,16 @@ def test_shifted_positions_bounded_sinks_fixed_offsets_kept(tiny, docs, layout_n
 
 @pytest.mark.parametrize("rotary", [64, 32, 48])
 def test_wide_rope_tables_rotate_as_the_half_tables(rotary):
-    """Attention rotates with `rope_wide` tables (x cos + swap(x) sin, four ops) what `rope_apply`
-    rotates half by half: the same float32 values, bit for bit, full and partial rotary (the dims past
-    R pass through), and broadcast over the query heads of a KV head."""
-    from kvbench.engine.hf import rope_apply, rope_apply_wide, rope_wide
+    """Attention rotates with `rope_wide` tables (x cos + swap(x) sin, four ops) what the rotate_half
+    formula gives half by half (x1 cos - x2 sin, x2 cos + x1 sin, the dims past R passed through): the
+    same float32 values, bit for bit, full and partial rotary, and broadcast over the query heads of a
+    KV head."""
+    from kvbench.engine.hf import rope_apply_wide, rope_wide
+
+    def rope_apply(k, cos, sin):  # the reference, half by half
+        h = cos.shape[-1]
+        k1, k2, rest = k[..., :h], k[..., h:2 * h], k[..., 2 * h:]
+        return torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin, rest], dim=-1)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 64, generator=g)

@@ -115,18 +115,27 @@ class StoreCache(Cache):
         does not change within a forward). `layer_type`: the layer's RoPE when the model has one per
         layer type (Gemma 3), else None; tables are shared only within a type."""
         t = self._tables.get((step, layer_type))
-        if t is not None and t[0].shape == store.seq.shape and torch.equal(t[0], store.seq) \
-                and torch.equal(t[1], store.valid):
+        if t is not None and same_entries(t, store):
             self._last_positions = t[2]
             return t[3], t[4], t[5]  # same entries as the previous layer at this step: same positions
         p = self.positioner(store)
         self.max_position = max(self.max_position, int(p[store.valid].max()))
-        # snapshots of seq and valid: a store evicting in place changes its own tensors later on
         cos, sin = rope_tables(self.model, p, layer_type)
-        t = self._tables[step, layer_type] = (store.seq.clone(), store.valid.clone(), p,
+        t = self._tables[step, layer_type] = (*entries_snapshot(store), p,
                                               *rope_wide(cos, sin, store.d), cos.shape[-1])
         self._last_positions = p
         return t[3], t[4], t[5]
+
+
+def entries_snapshot(store) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seq, valid) copies of a store part: a store evicting in place changes its own tensors later on."""
+    return store.seq.clone(), store.valid.clone()
+
+
+def same_entries(snap, store) -> bool:
+    """Whether a store part holds, slot for slot, the entries of an `entries_snapshot` (the first two
+    items of `snap`): what lets a later layer reuse a table or a mask computed for an earlier one."""
+    return snap[0].shape == store.seq.shape and torch.equal(snap[0], store.seq) and torch.equal(snap[1], store.valid)
 
 
 def _no_mask(*args, **kwargs):
@@ -411,9 +420,9 @@ def rope_wide(cos: torch.Tensor, sin: torch.Tensor, d: int) -> tuple[torch.Tenso
 
 
 def rope_apply_wide(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
-    """`rope_apply` with the wide tables of `rope_wide` (broadcast against x (..., D)): x cos + swap(x) sin,
-    swap exchanging the two rotated halves, in four ops; the same float32 values as rope_apply (its
-    k1 cos - k2 sin is k1 cos + k2 (-sin) exactly), rounded once to x's dtype."""
+    """Rotate x (..., D) by the wide tables of `rope_wide` (broadcast against x): x cos + swap(x) sin,
+    swap exchanging the two rotated halves, in four ops, in float32 (k1 cos - k2 sin is computed as
+    k1 cos + k2 (-sin), the same value), rounded once to x's dtype."""
     k = x.float()
     if 2 * half == k.shape[-1]:
         swapped = torch.roll(k, half, dims=-1)
@@ -426,11 +435,9 @@ def rope_apply_wide(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half:
 def rope_apply(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate keys or queries (H, C, D) (rotate_half convention) by the angles of `rope_tables`
     (H, C, R/2), in float32; the result is rounded once to the input's dtype. Partial rotary
-    (GPT-NeoX, R < D): only the first R dims rotate, the rest pass through."""
-    k = keys.float()
-    half = cos.shape[-1]
-    k1, k2, rest = k[..., :half], k[..., half:2 * half], k[..., 2 * half:]
-    return torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin, rest], dim=-1).to(keys.dtype)
+    (GPT-NeoX, R < D): only the first R dims rotate, the rest pass through. (Attention keeps the wide
+    tables of a forward and calls `rope_apply_wide` itself.)"""
+    return rope_apply_wide(keys, *rope_wide(cos, sin, keys.shape[-1]), cos.shape[-1])
 
 
 def forward(model, ids: torch.Tensor, pos: torch.Tensor, cache: StoreCache, logits: str = "last"):

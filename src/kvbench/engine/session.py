@@ -158,7 +158,6 @@ class Session:
             self.cache.positioner = self._positions
         self._selected: dict = {}
         self._stacks: dict = {}
-        self._step = 0
         self.memory = MemoryStats()
         self.tokens = 0
         self._max_fed = -1
@@ -297,12 +296,12 @@ class Session:
     def _over(self, i: int) -> bool:
         return any(n > b for n, b in zip(self.stores[i].n_live, self._budgets_host[i]))  # host counts: no sync
 
-    def _evict_layer(self, i: int) -> None:
+    def _evict_layer(self, i: int, step: int = 0) -> None:
         if self._over(i):
             for p, keep, types, kinds in self._parts[i]:  # one part, or one per head group
-                p.compact(self._select(i, p, keep, types, kinds))
+                p.compact(self._select(i, p, keep, types, kinds, step))
 
-    def _select(self, i: int, p, keep, types, kinds) -> torch.Tensor:
+    def _select(self, i: int, p, keep, types, kinds, step: int = 0) -> torch.Tensor:
         """The method's keep mask for part p of layer i. A rule that reads only the entries
         (`Method.entries_only`: seq, pos, role, valid, slot order, budgets) keeps the same slots in
         every layer holding the same entries under the same budgets, which is every layer under such
@@ -312,13 +311,11 @@ class Session:
                          kinds=kinds)
         if not self.method.entries_only:
             return self.method.select(view, keep)
-        memo = self._selected.get(self._step)
-        if memo is not None and memo[2] == p.ordered and torch.equal(memo[3], keep) \
-                and memo[0].shape == p.seq.shape and torch.equal(memo[0], p.seq) and torch.equal(memo[1], p.valid):
+        memo = self._selected.get(step)
+        if memo is not None and memo[2] == p.ordered and torch.equal(memo[3], keep) and hf.same_entries(memo, p):
             return memo[4]
         mask = self.method.select(view, keep)
-        # snapshots: the store evicts in place, so its own seq and valid change with compact
-        self._selected[self._step] = (p.seq.clone(), p.valid.clone(), p.ordered, keep, mask)
+        self._selected[step] = (*hf.entries_snapshot(p), p.ordered, keep, mask)
         return mask
 
     # ---- stepwise forwards (called by hf.kvbench_attention, layer by layer) --------------------
@@ -330,11 +327,7 @@ class Session:
         self._steps[layer][i] = layer_stats(s)
 
     def step_evict(self, layer: int, i: int) -> None:
-        self._step = i
-        try:
-            self._evict_layer(layer)
-        finally:
-            self._step = 0
+        self._evict_layer(layer, i)
         self._steps[len(self.stores) + layer][i] = layer_stats(self.stores[layer])
 
     def budget_bytes(self, budget: int | None) -> int | None:
