@@ -179,6 +179,16 @@ def test_entries_only_reuse_checks_the_budgets(tiny):
             sess.feed([5], [int(pos[-1]) + 1 + i], [ROLE_TARGET])
         got.append([entries(s) for s in sess.stores])
         assert [s.n_live for s in sess.stores] == [budgets_of(li) for li in range(len(sess.stores))]
+        # and each layer's keys were rotated to its own positions (layers share a rotation table
+        # only when they hold the same entries): the positions attention traced, per layer, equal the
+        # rule's positions of that layer's entries before the step's eviction
+        want, plain = [], sess._evict
+        sess._evict = lambda: (want.extend((s.valid.clone(), sess.positions_of(s)) for s in sess.stores), plain())
+        sess.cache.trace = []
+        sess.feed([5], [int(pos[-1]) + 6], [ROLE_TARGET])
+        assert len(sess.cache.trace) == len(want) == len(sess.stores)
+        for t, (valid, p) in zip(sess.cache.trace, want):
+            assert torch.equal(t["kpos"][valid], p[valid]), t["layer"]
     for a, b in zip(*got):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
