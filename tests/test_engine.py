@@ -258,3 +258,42 @@ def test_streaming_with_large_k_equals_batch(tiny, docs):
     a = tasks.translate(Session(model, method_from_config("full", {}), None, 16), p, doc, k=10**6)
     b = tasks.run_task("translate_batch", Session(model, method_from_config("full", {}), None, 16), p, doc, {})
     assert a["hypothesis"] == b["hypothesis"]
+
+
+@pytest.mark.parametrize("target", [False, True])
+def test_decode_mask_shortcut_equals_store_mask(target):
+    """One query that is the newest token (a decode step): attention's shortcut (live slots, less the
+    target keys for a non-target query) equals Store.mask, on a store whose slots were reused in place
+    out of stream order, with target and non-target keys; a pending tuple the session did not make
+    takes the general path."""
+    from types import SimpleNamespace
+
+    from kvbench.engine import hf
+    from kvbench.engine.store import KVStore
+
+    g = torch.Generator().manual_seed(3)
+    st = KVStore(3, 4, torch.float32, "cpu", inplace=True)
+    seq = 0
+    for n in (7, 1, 1, 3, 1):
+        roles = (torch.rand(n, generator=g) > 0.5).long() * streams.ROLE_TARGET
+        s = torch.arange(seq, seq + n)
+        st.append(torch.randn(3, n, 4, generator=g), torch.randn(3, n, 4, generator=g), s, s, roles)
+        seq += n
+        keep = torch.rand(st.valid.shape, generator=g) > 0.3
+        st.compact(keep | (st.seq == seq - 1))
+    q = torch.tensor([seq])  # the newest token, written into a freed slot
+    role = torch.tensor([streams.ROLE_TARGET if target else streams.ROLE_SOURCE])
+    st.append(torch.randn(3, 1, 4, generator=g), torch.randn(3, 1, 4, generator=g), q, q, role)
+    assert not st.ordered and bool((st.role[st.valid] == streams.ROLE_TARGET).any())
+    assert bool((st.role[st.valid] != streams.ROLE_TARGET).any())
+    want = st.mask(q, role == streams.ROLE_TARGET, streams.ROLE_TARGET)
+    pending = (q, q, role)
+    cache = SimpleNamespace(pending=pending, pending_target=(pending, [target]))
+    got = hf._visible(st, cache, q, role, 0)
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert not torch.equal(want, st.valid[:, None, :]) or target  # the role term matters here
+    cache.pending = (q, q, role)  # set by someone else: no host-side roles, the general mask
+    calls = []
+    orig = st.mask
+    st.mask = lambda *a: calls.append(1) or orig(*a)
+    assert torch.equal(hf._visible(st, cache, q, role, 0), want) and calls

@@ -97,6 +97,7 @@ class StoreCache(Cache):
 
     def __init__(self, stores, model=None):
         self.pending = None
+        self.pending_target = None  # (the `pending` tuple, [query is a target token, per token]): see _visible
         self.transient_peak = 0  # largest K/V working copy one attention call made (bytes): see _attend
         self.stepwise = None  # a session: tokens of this forward are appended, attended and evicted one by one
         self.model = model  # for its RoPE frequencies (re-indexed positions)
@@ -173,8 +174,7 @@ def _attend_parts(module, query, store, cache, seq, role, scaling, step: int = 0
         return _attend_part(module, query, parts[0][1], cache, seq, role, scaling, step)
     g = query.shape[1] // store.h
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
-    for heads, part in parts:
-        qh = (heads[:, None] * g + torch.arange(g, device=heads.device)).reshape(-1)  # query heads of these KV heads
+    for (heads, part), qh in zip(parts, store.query_heads(g)):
         out[:, :, qh] = _attend_part(module, query[:, qh], part, cache, seq, role, scaling, step)
         if cache.trace is not None:
             cache.trace[-1]["heads"] = heads.tolist()  # the layer's KV heads this part holds
@@ -183,13 +183,26 @@ def _attend_parts(module, query, store, cache, seq, role, scaling, step: int = 0
 
 def _attend_part(module, query, part, cache, seq, role, scaling, step: int = 0):
     if part.blockwise:
-        return _attend_blocks(module, query, part, cache, seq, role, scaling)
+        return _attend_blocks(module, query, part, cache, seq, role, scaling, step)
     k, v = part.keys_values()
     return _attend(module, query, k[None], v[None], part, cache, seq, role, scaling, step)
 
 
 def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _visible(store, cache, seq, role, step: int) -> torch.Tensor:
+    """(Hkv, n, C) bool: which of the store's slots each query sees (`Store.mask`). One query that is
+    the newest token of the stream (a decode step, or token `step` of a stepwise forward, appended
+    just before its attention) follows every live key, so the causal term is void: the live slots,
+    less the target keys for a non-target query, from the session's host-side roles of the forward
+    (`cache.pending_target`, valid while `cache.pending` is the tuple it was made with)."""
+    pt = cache.pending_target
+    if seq.shape[0] == 1 and pt is not None and pt[0] is cache.pending:
+        m = store.valid if pt[1][step] else store.valid & (store.role != ROLE_TARGET)
+        return m[:, None, :]
+    return store.mask(seq, role == ROLE_TARGET, ROLE_TARGET)
 
 
 def _window_mask(module, store, mask):
@@ -202,7 +215,7 @@ def _window_mask(module, store, mask):
     return mask, softcap
 
 
-def _attend_blocks(module, query, store, cache, seq, role, scaling):
+def _attend_blocks(module, query, store, cache, seq, role, scaling, step: int = 0):
     """query (1, Hq, n, D) against a store read piece by piece (`store.pieces(h, cache.block)`: at most
     a block of one head's K or V in float32 at a time) -> (1, n, Hq, D), per KV head, in float32.
     When a head's logits (g * n x C floats) are no larger than a block of K and V, or attention
@@ -215,7 +228,7 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling):
     hq, n, d = query.shape[1:]
     hkv = store.h
     g = hq // hkv
-    mask, softcap = _window_mask(module, store, store.mask(seq, role == ROLE_TARGET, ROLE_TARGET))  # (Hkv, n, C)
+    mask, softcap = _window_mask(module, store, _visible(store, cache, seq, role, step))  # (Hkv, n, C)
     want_p = store.score is not None or store.recorded is not None
     probs = query.new_zeros(hkv, g * n, mask.shape[-1], dtype=torch.float32) if want_p else None
     # query heads grouped by KV head (row = i * n + t), scaled once: logits come out scaled
@@ -301,7 +314,7 @@ def _attend(module, query, key, value, store, cache, seq, role, scaling, step: i
         cache.trace.append(dict(layer=module.layer_idx, q=query[0].detach().clone(), k=key[0].detach().clone(),
                                 kseq=store.seq.clone(), kvalid=store.valid.clone(), qseq=seq.clone(),
                                 kpos=(cache._last_positions if cache.positioner is not None else store.pos).clone()))
-    mask, softcap = _window_mask(module, store, store.mask(seq, role == ROLE_TARGET, ROLE_TARGET))  # (Hkv, n, C)
+    mask, softcap = _window_mask(module, store, _visible(store, cache, seq, role, step))  # (Hkv, n, C)
     if store.score is None and store.recorded is None and softcap is None:
         # query heads grouped by KV head, (1, Hkv, g * n, D): K/V are read once, never repeated
         n, d, c = query.shape[2], query.shape[3], key.shape[2]

@@ -197,6 +197,7 @@ class Session:
             c_pos, c_role = pos[a:b], role[a:b]
             seq = torch.arange(self.seq, self.seq + b - a, device=self.device)
             self.cache.pending = (seq, c_pos, c_role)  # the store keeps original positions
+            self.cache.pending_target = (self.cache.pending, (c_role == ROLE_TARGET).tolist())
             self.cache._tables = {}  # rotation tables are shared by layers within one forward only
             self._selected = {}  # token of the forward -> its first layer's selection (entries_only rules)
             if stepwise:
@@ -208,7 +209,7 @@ class Session:
             else:  # RoPE at position 0 is the identity: unrotated q and k
                 if len(self.first) < 4:
                     self._note_firsts(list(range(self.seq, self.seq + b - a)), c_pos.tolist(),
-                                      (c_role == ROLE_TARGET).tolist())
+                                      self.cache.pending_target[1])
                 model_pos = torch.zeros_like(c_pos)
             last = logits == "last" and b == ids.shape[0]
             try:

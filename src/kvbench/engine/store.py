@@ -174,7 +174,8 @@ class KVStore(Store):
         # per head: free slots among the C in use (host counts); a compacting store pads, never reuses
         free = [c - x for x in self.n_live] if self.inplace else [0] * self.h
         top = c + max((max(n - f, 0) for f in free), default=n)
-        if top > self.capacity:
+        grew = top > self.capacity
+        if grew:
             self._grow(top)
         if max(free, default=0) == 0:  # no free slot anywhere: write at the end, in stream order
             s = slice(c, c + n)
@@ -200,7 +201,8 @@ class KVStore(Store):
             self.ordered = False
         self._last_seq = seq
         self.n_live = [x + n for x in self.n_live]
-        self._views(top)
+        if grew or top != c:  # (at budget, writing into freed slots: the views still hold)
+            self._views(top)
 
     @property
     def new_slots(self) -> torch.Tensor:
@@ -288,9 +290,23 @@ class HeadGroups:
         self._parts = [(torch.tensor(g, device=device), KVStore(len(g), head_dim, dtype, device, **kw))
                        for g in groups]
         self._where = [next((pi, g.index(h)) for pi, g in enumerate(groups) if h in g) for h in range(n_heads)]
+        self._groups, self._qheads = [list(g) for g in groups], {}
 
     def parts(self) -> list[tuple[torch.Tensor, KVStore]]:
         return self._parts
+
+    def query_heads(self, g: int) -> list[slice | torch.Tensor]:
+        """Per part, its query heads (g per KV head, KV head h serving query heads h*g..h*g+g-1): a
+        slice when the part's KV heads are consecutive (views, no gather), else an index tensor. Cached."""
+        if g not in self._qheads:
+            out = []
+            for heads in self._groups:
+                if heads == list(range(heads[0], heads[0] + len(heads))):
+                    out.append(slice(heads[0] * g, (heads[0] + len(heads)) * g))
+                else:
+                    out.append(torch.tensor([h * g + i for h in heads for i in range(g)], device=self.device))
+            self._qheads[g] = out
+        return self._qheads[g]
 
     @property
     def n_live(self) -> list[int]:
@@ -304,8 +320,8 @@ class HeadGroups:
         return self._parts[pi][1].live_seq(j)
 
     def append(self, k, v, seq, pos, role) -> None:
-        for heads, p in self._parts:
-            p.append(k.index_select(0, heads), v.index_select(0, heads), seq, pos, role)
+        for (_, p), kh in zip(self._parts, self.query_heads(1)):  # g = 1: the KV heads themselves
+            p.append(k[kh], v[kh], seq, pos, role)
 
     def nbytes(self) -> int:
         return sum(p.nbytes() for _, p in self._parts)
