@@ -325,10 +325,11 @@ def _attend(module, query, key, value, store, cache, seq, role, scaling, step: i
     else:
         n, d, c = query.shape[2], query.shape[3], key.shape[2]
         q = query[0].reshape(hkv, g * n, d)  # query heads grouped by KV head (row = i * n + t)
-        kf, vf = key[0].float(), value[0].float()
-        if kf is not key[0]:  # up-cast copies (a half-precision cache)
+        kf, vf, q = key[0], value[0], q.float()
+        if kf.dtype != torch.float32:  # up-cast copies (a half-precision cache)
+            kf, vf = kf.float(), vf.float()
             cache.transient_peak = max(cache.transient_peak, _nbytes(kf, vf))
-        s = torch.bmm(q.float(), kf.transpose(1, 2)).mul_(scaling).view(hkv, g, n, c)
+        s = torch.bmm(q, kf.transpose(1, 2)).mul_(scaling).view(hkv, g, n, c)
         if softcap is not None:  # Gemma 2: logits soft-capped before the mask
             s = torch.tanh(s / softcap) * softcap
         s.masked_fill_(~mask[:, None], float("-inf"))
@@ -336,7 +337,8 @@ def _attend(module, query, key, value, store, cache, seq, role, scaling, step: i
         store.observe(p.sum(dim=1))
         if store.recorded is not None:  # head profiling: keep every query's attention row
             store.recorded.append(p.reshape(hq, n, -1))
-        out = torch.bmm(p.view(hkv, g * n, c), vf).to(query.dtype).reshape(1, hq, n, d)
+        out = torch.bmm(p.view(hkv, g * n, c), vf)
+        out = (out if out.dtype == query.dtype else out.to(query.dtype)).reshape(1, hq, n, d)
     return out.transpose(1, 2).contiguous()  # (1, n, Hq, D)
 
 

@@ -186,9 +186,12 @@ class KVStore(Store):
                 self._score[:, s] = 0.0
             self._new = (c, n)
         else:  # each head's free slots first (lowest first), then slots past C
-            ext = self._valid[:, : c + n].clone()
-            ext[:, c:] = False
-            idx = torch.argsort(ext.to(torch.int8), dim=1, stable=True)[:, :n]  # (H, n)
+            if n == 1 and min(free) > 0:  # one token, a free slot in every head: the lowest (argmin: the first)
+                idx = self._valid[:, :c].to(torch.int8).argmin(dim=1, keepdim=True)  # (H, 1)
+            else:
+                ext = self._valid[:, : c + n].clone()
+                ext[:, c:] = False
+                idx = torch.argsort(ext.to(torch.int8), dim=1, stable=True)[:, :n]  # (H, n)
             e = idx[..., None].expand(-1, -1, self.d)
             self._k.scatter_(1, e, k.to(self._k.dtype))
             self._v.scatter_(1, e, v.to(self._v.dtype))
