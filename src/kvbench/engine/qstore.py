@@ -120,14 +120,15 @@ class Rows:
         self.q, self.s, self.z = (torch.cat(p) for p in ((self.q, t.packed), (self.s, t.scale), (self.z, t.zero)))
 
     def take(self, idx: torch.Tensor) -> None:
-        self.q = self.q[idx]
+        self.q = self.q.index_select(0, idx)  # (index_select: x[idx] copies rows up to 15x slower on CPU)
         if self.bits < 16:
-            self.s, self.z = self.s[idx], self.z[idx]
+            self.s, self.z = self.s.index_select(0, idx), self.z.index_select(0, idx)
 
-    def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Drop rows where keep (n,) is False; the survivors' old indices, in order (True)."""
         idx = keep.nonzero().squeeze(1)
         self.take(idx)
-        return idx
+        return idx, True
 
     def deq(self, dtype, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Rows lo:hi (default all) in `dtype`: a new tensor (a transient of attention)."""
@@ -232,28 +233,41 @@ class ChannelKeys:
             x.mul_(self.s[g0:g0 + k, None].float()).add_(self.z[g0:g0 + k, None].float())
         return c, work
 
-    def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
-        """Drop rows where keep (n,) is False; returns the surviving rows' old indices in new order."""
-        gid = torch.repeat_interleave(torch.arange(len(self.size), device=keep.device), self.size)
-        left = torch.zeros_like(self.size).index_add_(0, gid, keep.long())  # survivors per group
+    def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Drop rows where keep (n,) is False. Returns the surviving rows' old indices in their new
+        order, and whether that is their old order (False: partial groups were merged, see the module
+        docstring). Survivors per group come from the dropped rows (few per step) located among the
+        groups' ends; scales and zeros are copied only when a group loses its last token."""
+        dropped = (~keep).nonzero().squeeze(1)
+        ends = torch.cumsum(self.size, 0)
+        left = self.size.index_add(0, torch.searchsorted(ends, dropped, right=True), torch.full_like(dropped, -1))
         alive, partial = left > 0, (left > 0) & (left < self.g)
-        if int(partial.sum()) <= MAX_PARTIAL:
+        n_alive, n_partial = torch.stack([alive.sum(), partial.sum()]).tolist()
+        if n_partial <= MAX_PARTIAL:
             rows = keep.nonzero().squeeze(1)
-            self.q, self.s, self.z, self.size = self.q[rows], self.s[alive], self.z[alive], left[alive]
-            return rows
+            self.q = self.q.index_select(0, rows)
+            if n_alive == left.shape[0]:  # every group keeps a token: its scale and zero stay
+                self.size = left
+            else:
+                groups = alive.nonzero().squeeze(1)
+                self.s, self.z, self.size = (x.index_select(0, groups) for x in (self.s, self.z, left))
+            return rows, True
+        gid = torch.repeat_interleave(torch.arange(len(self.size), device=keep.device), self.size)
         merge = keep & partial[gid]
         rows = (keep & ~merge).nonzero().squeeze(1)
         mrows = merge.nonzero().squeeze(1)
         mrows = mrows[torch.argsort(seq[mrows], stable=True)]
         x = self.deq(torch.float32, mrows)  # (m, D) what attention saw
         full = alive & ~partial
-        self.q, self.s, self.z, self.size = self.q[rows], self.s[full], self.z[full], left[full]
+        groups = full.nonzero().squeeze(1)
+        self.q, self.s, self.z, self.size = (x.index_select(0, i) for x, i in
+                                             ((self.q, rows), (self.s, groups), (self.z, groups), (left, groups)))
         f = x.shape[0] // self.g * self.g
         if f:
             self.add(x[:f])
         if f < x.shape[0]:
             self.add(x[f:])
-        return torch.cat([rows, mrows])
+        return torch.cat([rows, mrows]), False
 
     def nbytes(self) -> int:
         return _nb(self.q, self.s, self.z)
@@ -424,23 +438,39 @@ class QuantKVStore(Store):
 
     # ---- eviction ------------------------------------------------------------------------
     def compact(self, keep: torch.Tensor) -> None:
-        """Keep the slots where keep (H, C) is True; frees codes, scales and residual rows."""
+        """Keep the slots where keep (H, C) is True; frees codes, scales and residual rows. The
+        evicted slots (a few per step) are read on the host, so a head or a tier that loses none is
+        not copied."""
         keep = keep & self.valid
-        if torch.equal(keep, self.valid):
+        gone = (self.valid & ~keep).nonzero().tolist()  # [[head, slot]]
+        if not gone:
             return
+        lost = [[] for _ in self.heads]
+        for h, slot in gone:
+            lost[h].append(slot)
         idxs = []
         for h, hd in enumerate(self.heads):
             n = self.n_live[h]  # live slots are a prefix of each head's row
+            if not lost[h]:
+                idxs.append(torch.arange(n, device=keep.device))
+                continue
             a, b, kh = hd.n_hi, hd.n_hi + hd.n_body, keep[h, :n]
-            hi = kh[:a].nonzero().squeeze(1)
-            if a:
+            in_order = True
+            if min(lost[h]) < a:
+                hi = kh[:a].nonzero().squeeze(1)
                 hd.hk.take(hi), hd.hv.take(hi)
-            body = hd.bk.keep(kh[a:b], self.seq[h, a:b])
-            hd.bv.take(body)
-            res = kh[b:].nonzero().squeeze(1)
-            hd.rk, hd.rv = hd.rk[res], hd.rv[res]
-            hd.n_hi, hd.n_body = hi.numel(), body.numel()
-            idxs.append(torch.cat([hi, a + body, b + res]))
+                hd.n_hi = hi.numel()
+            if any(a <= s < b for s in lost[h]):
+                body, in_order = hd.bk.keep(kh[a:b], self.seq[h, a:b])
+                hd.bv.take(body)
+                hd.n_body = body.numel()
+            if max(lost[h]) >= b:
+                res = kh[b:].nonzero().squeeze(1)
+                hd.rk, hd.rv = hd.rk.index_select(0, res), hd.rv.index_select(0, res)
+            if in_order:  # survivors keep their order: the tiers' new slots are the kept ones
+                idxs.append(kh.nonzero().squeeze(1))
+            else:
+                idxs.append(torch.cat([kh[:a].nonzero().squeeze(1), a + body, b + kh[b:].nonzero().squeeze(1)]))
         self._regather(idxs)
 
     # ---- accounting ----------------------------------------------------------------------
