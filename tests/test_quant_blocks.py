@@ -134,10 +134,9 @@ def test_pieces_equal_float64_attention(bits, dtype, new, block, track, monkeypa
         assert torch.allclose(got[h * g:(h + 1) * g], want, atol=tol), (got[h * g:(h + 1) * g] - want).abs().max()
         if track:
             assert torch.allclose(st.score[h, :k.shape[0]].double(), p.sum(dim=(0, 1)), atol=1e-5)
-    # the working set: one piece of K or V, unpacked (float32 codes and, below 8 bits, int32 codes,
-    # int64 at 4 bits; 3 bits also the piece's chunk words, 4 bytes per 8 codes)
-    used = BITS[bits][0] + BITS[bits][1]
-    per_row = D * 4 + D * (8 if 4 in used else 4) + (D // 8 * 4 if 3 in used else 0)
+    # the working set: one piece of K or V, unpacked (float32 codes and, below 8 bits, int32 codes
+    # (4 bits: uint8 planes); 3 bits also the piece's chunk words, 4 bytes per 8 codes)
+    per_row = D * 2 * 4 + (D // 8 * 4 if 3 in BITS[bits][0] + BITS[bits][1] else 0)
     assert 0 < cache.transient_peak <= min(block, max(st.n_live)) * per_row
 
 
@@ -160,7 +159,7 @@ def test_pieces_cover_slots_within_blocks(block):
                 assert x.dtype == torch.float32 and x.shape == (w, D)
                 assert torch.allclose(x.double(), ref[s0:s0 + w], atol=1e-6)
                 assert torch.equal(x, same[s0:s0 + w])  # codes * scale + zero, each rounded, as dequantize
-                assert nbytes <= w * D * (4 + 8)  # (2/4/8 bits here) float32 codes and int32 or int64 (4 bits) words
+                assert nbytes <= w * D * 2 * 4  # (2/4/8 bits here) float32 codes and int32 words or uint8 planes
         if block >= 4:  # groups of G = 4 fit a block: body pieces end at group ends
             group_ends = torch.cumsum(torch.tensor(st.counts()[h]["groups"]), 0).tolist()
             body = [p for p in pieces if hd.n_hi <= p[0] < hd.n_hi + hd.n_body]
@@ -190,9 +189,9 @@ def test_working_set_is_one_block():
         cache.block = block
         hf._attend_blocks(MODULE, query, st, cache, seq, role, 0.25)
         peaks[block] = cache.transient_peak
-    one_block = 4 * D * (4 + 8)  # 4 tokens of 4-bit keys: float32 codes and the int64 ones they came from
+    one_block = 4 * D * 2 * 4  # 4 tokens of K and V in fp32
     assert 0 < peaks[4] <= one_block
-    whole_head = max(st.n_live) * D * (4 + 8)
+    whole_head = max(st.n_live) * D * 2 * 4
     assert peaks[10_000] > one_block and peaks[10_000] <= whole_head
 
 
@@ -212,7 +211,7 @@ def test_session_blocks_of_five_equal_one_block(tiny, docs):
     a, b = rows[5]["nll_sum"], rows[100_000]["nll_sum"]
     assert abs(a - b) <= 1e-5 * abs(b)
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    assert 0 < peaks[5] <= 5 * head_dim * (4 + 8) < peaks[100_000]  # 4-bit values: float32 and int64 codes
+    assert 0 < peaks[5] <= 5 * head_dim * 2 * 4 < peaks[100_000]
     full = Session(model, method_from_config("full", {}), None, 8)
     tasks.run_task("ppl", full, p, doc, {"wait_k": 3})
     assert full.cache.transient_peak == 0  # fp32 dense cache: attention reads the store's own tensors

@@ -48,7 +48,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) along the last dim into uint8.
 
     (..., n) -> (..., packed_len(n, bits)). 8 codes of 3 bits -> 3 bytes; 16-bit -> 2 bytes/code
-    (little-endian). Code i of a chunk occupies bits [bits*i, bits*(i+1)) of the chunk word.
+    (little-endian). Code i of a chunk occupies bits [bits*i, bits*(i+1)) of the chunk word, but at
+    4 bits, which are packed in two planes: with P = packed_len(n, 4) bytes, code i < P is the low
+    nibble of byte i and code P + i its high nibble (unpacking is then two byte-wide ops and a
+    concatenation, 2.5x faster on CPU than shifting nibbles out of words).
     """
     _check_bits(bits)
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
@@ -60,6 +63,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     cpc, bpc = _chunk(bits)
     n = codes.shape[-1]
     pad = -n % cpc
+    if bits == 4:  # two planes: codes [0, P) in the low nibbles, [P, 2P) in the high ones
+        c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad))
+        p = c.shape[-1] // 2
+        return c[..., :p] | (c[..., p:] << 4)
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad))
     c = c.reshape(*codes.shape[:-1], -1, cpc)                       # (..., chunks, cpc)
     shifts = torch.arange(cpc, device=c.device, dtype=torch.int64) * bits
@@ -84,6 +91,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bpc == 1:  # 2, 4, 8 bits: whole codes per byte, unpacked in uint8 (same codes, fewer ops)
         if bits == 8:
             return packed[..., :n].clone()
+        if bits == 4:
+            return torch.cat([packed & 15, packed >> 4], dim=-1)[..., :n]
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
         codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)  # (..., bytes, cpc)
         return codes.reshape(*packed.shape[:-1], -1)[..., :n]
@@ -100,32 +109,29 @@ _SHIFTS: dict = {}  # (word bits, bits, device) -> shifts of the codes in a word
 
 
 def _shifts(word: int, bits: int, device) -> torch.Tensor:
-    """The shifts of the codes in a word of `word` bits (24: a 3-byte chunk in int32), cached."""
+    """The int32 shifts of the codes in a word of `word` bits (24: a 3-byte chunk), cached."""
     key = (word, bits, device)
     if key not in _SHIFTS:
-        _SHIFTS[key] = torch.arange(0, word, bits, dtype=torch.int64 if word == 64 else torch.int32, device=device)
+        _SHIFTS[key] = torch.arange(0, word, bits, dtype=torch.int32, device=device)
     return _SHIFTS[key]
 
 
 def unpack_float(packed: torch.Tensor, bits: int, n: int) -> tuple[torch.Tensor, int]:
     """`unpack_codes` straight to float32, for attention: (T, packed_len(n)) uint8 -> codes (T, n)
     float32 (a new tensor), and the peak bytes the call had allocated at once (the output
-    included). Codes are shifted out of words in one pass: 4 bits from the bytes read eight at a
-    time (int64), 2 bits four at a time (int32; little-endian: code i of a word sits at bits
-    [bits*i, bits*(i+1)), as pack_codes lays them out), 3 bits from each 3-byte chunk widened to an
-    int32 word; 8 bits convert directly."""
+    included). 4 bits: the two nibble planes side by side (pack_codes); 2 bits shifted out of the
+    bytes read four at a time as int32 words (little-endian: code i of a word sits at bits
+    [bits*i, bits*(i+1)), as pack_codes lays them out), 3 bits out of each 3-byte chunk widened to
+    an int32 word; 8 bits convert directly."""
     t, p = packed.shape
     out = t * n * 4
     if bits == 8:
         return packed[:, :n].float(), out
     shifts = _shifts(24 if bits == 3 else 32, bits, packed.device)
-    if bits == 4 and _LITTLE and p % 8 == 0 and packed.is_contiguous() and packed.storage_offset() % 8 == 0:
-        # 4 bits from int64 words: 16 codes per word (with 8 per int32 word, the shift's broadcast runs
-        # 1.5x slower on CPU); the int64 codes are the call's peak
-        c = torch.bitwise_right_shift(packed.view(torch.int64)[:, :, None], _shifts(64, 4, packed.device))
-        c &= 15
-        return c.view(t, -1)[:, :n].float(), c.numel() * 8 + out
-    if bits in (2, 4) and _LITTLE and p % 4 == 0 and packed.is_contiguous() and packed.storage_offset() % 4 == 0:
+    if bits == 4:  # two planes (pack_codes): the nibbles of each byte, side by side
+        c = torch.cat([packed & 15, packed >> 4], dim=1)
+        return c[:, :n].float(), max(4 * t * p, 2 * t * p + out)  # planes and codes; codes and floats
+    if bits == 2 and _LITTLE and p % 4 == 0 and packed.is_contiguous() and packed.storage_offset() % 4 == 0:
         w = packed.view(torch.int32)[:, :, None]  # (T, P/4, 1), a view
         extra = 0
     elif bits == 3:
