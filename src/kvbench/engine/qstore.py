@@ -317,10 +317,12 @@ class QuantKVStore(Store):
         self.heads = [_Head(head_dim, kb, vb, hi_bits, group_size, dtype, device, scale_dtype)
                       for kb, vb in zip(self.key_bits, self.value_bits)]
         self.flag = torch.empty(n_heads, 0, dtype=torch.bool, device=device)  # True: to `hi` on leaving resid
+        self._nbytes: int | None = None  # nbytes(), until the next append or compact
 
     # ---- growth and attention inputs -------------------------------------------------------
     def append(self, k, v, seq, pos, role) -> None:
         """k, v: (H, n, D); seq, pos, role: (n,) shared by all heads."""
+        self._nbytes = None
         n, c, lens = k.shape[1], self.seq.shape[1], list(self.n_live)
         self._last_seq = seq
         flag = self.flagger(k, seq) if self.flagger else torch.zeros(self.h, n, dtype=torch.bool, device=k.device)
@@ -441,6 +443,7 @@ class QuantKVStore(Store):
         """Keep the slots where keep (H, C) is True; frees codes, scales and residual rows. The
         evicted slots (a few per step) are read on the host, so a head or a tier that loses none is
         not copied."""
+        self._nbytes = None
         keep = keep & self.valid
         gone = (self.valid & ~keep).nonzero().tolist()  # [[head, slot]]
         if not gone:
@@ -475,8 +478,11 @@ class QuantKVStore(Store):
 
     # ---- accounting ----------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Codes + scales + zeros + residual, per head (no padding in K/V storage)."""
-        return sum(hd.nbytes() for hd in self.heads)
+        """Codes + scales + zeros + residual, per head (no padding in K/V storage); summed once per
+        change of the store (append and compact reset it), as live_bytes asks for it too."""
+        if self._nbytes is None:
+            self._nbytes = sum(hd.nbytes() for hd in self.heads)
+        return self._nbytes
 
     def live_bytes(self) -> int:
         return self.nbytes()
