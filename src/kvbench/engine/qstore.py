@@ -225,8 +225,9 @@ class ChannelKeys:
 
     def deq32(self, lo: int, hi: int, runs: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, int]:
         """Rows lo:hi (one piece of `spans`) in float32, and the bytes the call allocated at its peak:
-        the arithmetic of deq (codes * scale + zero in float32, each rounded: the same floats), in place on the unpacked codes,
-        each run of equal groups rescaled through a broadcast view (no per-row scale tensor)."""
+        the arithmetic of deq (codes * scale + zero in float32, each rounded: the same floats), in
+        place on the unpacked codes, each run of equal groups rescaled through a broadcast view (no
+        per-row scale tensor)."""
         c, work = unpack_float(self.q[lo:hi], self.bits, self.d)
         for r0, g0, k, gs in runs:
             x = c[r0:r0 + k * gs].view(k, gs, self.d)
@@ -250,7 +251,7 @@ class ChannelKeys:
                 self.size = left
             else:
                 groups = alive.nonzero().squeeze(1)
-                self.s, self.z, self.size = (x.index_select(0, groups) for x in (self.s, self.z, left))
+                self.s, self.z, self.size = (t.index_select(0, groups) for t in (self.s, self.z, left))
             return rows, True
         gid = torch.repeat_interleave(torch.arange(len(self.size), device=keep.device), self.size)
         merge = keep & partial[gid]
@@ -260,7 +261,7 @@ class ChannelKeys:
         x = self.deq(torch.float32, mrows)  # (m, D) what attention saw
         full = alive & ~partial
         groups = full.nonzero().squeeze(1)
-        self.q, self.s, self.z, self.size = (x.index_select(0, i) for x, i in
+        self.q, self.s, self.z, self.size = (t.index_select(0, i) for t, i in
                                              ((self.q, rows), (self.s, groups), (self.z, groups), (left, groups)))
         f = x.shape[0] // self.g * self.g
         if f:
