@@ -239,3 +239,33 @@ def test_group_above_head_dim_accepted_below_must_divide(tiny):
     Session(model, method_from_config("stream_quant", {"group_size": 128}), 64, 8)  # head_dim 64
     with pytest.raises(ValueError, match="group_size 48 does not divide head_dim"):
         Session(model, method_from_config("stream_quant", {"group_size": 48}), 64, 8)
+
+
+def test_cached_byte_counts_follow_every_change():
+    """nbytes() and meta_bytes() are cached between changes: after every append and compact (and
+    asked twice in between, as the session's accounting does) they equal a fresh count of the
+    tensors the store holds."""
+    st = QuantKVStore(2, D, torch.float32, "cpu", (4, 2), (4, 8), group_size=4, residual=3, track_scores=True,
+                      hi_bits=(8, 8), max_hi=2, flagger=SinkOutlierFlags(2, 0.9, 3.0, True))
+    g = torch.Generator().manual_seed(5)
+
+    def fresh():
+        kv = sum(t.numel() * t.element_size() for hd in st.heads
+                 for t in (hd.hk.q, hd.hk.s, hd.hk.z, hd.hv.q, hd.hv.s, hd.hv.z, hd.bk.q, hd.bk.s, hd.bk.z,
+                           hd.bv.q, hd.bv.s, hd.bv.z, hd.rk, hd.rv))
+        meta = sum(t.numel() * t.element_size() for t in (st.seq, st.pos, st.role, st.valid, st.flag, st.score))
+        meta += sum(hd.bk.size.numel() * 8 for hd in st.heads) + st.flagger.nbytes()
+        return kv, meta
+
+    s0, seen = 0, set()
+    for step, n in enumerate((9, 1, 1, 6, 1, 1, 1, 12, 1)):
+        seq = torch.arange(s0, s0 + n)
+        st.append(torch.randn(2, n, D, generator=g), torch.randn(2, n, D, generator=g), seq, seq, seq * 0)
+        s0 += n
+        for _ in range(2):
+            assert (st.nbytes(), st.meta_bytes()) == fresh()
+        seen.add(st.meta_bytes())
+        if step % 2:
+            st.compact(torch.rand(st.valid.shape, generator=g) > 0.25)
+            assert (st.nbytes(), st.meta_bytes()) == fresh()
+    assert len(seen) > 3  # the counts did change along the way

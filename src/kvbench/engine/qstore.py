@@ -319,11 +319,12 @@ class QuantKVStore(Store):
                       for kb, vb in zip(self.key_bits, self.value_bits)]
         self.flag = torch.empty(n_heads, 0, dtype=torch.bool, device=device)  # True: to `hi` on leaving resid
         self._nbytes: int | None = None  # nbytes(), until the next append or compact
+        self._meta_bytes: int | None = None  # meta_bytes(), likewise
 
     # ---- growth and attention inputs -------------------------------------------------------
     def append(self, k, v, seq, pos, role) -> None:
         """k, v: (H, n, D); seq, pos, role: (n,) shared by all heads."""
-        self._nbytes = None
+        self._nbytes = self._meta_bytes = None
         n, c, lens = k.shape[1], self.seq.shape[1], list(self.n_live)
         self._last_seq = seq
         flag = self.flagger(k, seq) if self.flagger else torch.zeros(self.h, n, dtype=torch.bool, device=k.device)
@@ -444,7 +445,7 @@ class QuantKVStore(Store):
         """Keep the slots where keep (H, C) is True; frees codes, scales and residual rows. The
         evicted slots (a few per step) are read on the host, so a head or a tier that loses none is
         not copied."""
-        self._nbytes = None
+        self._nbytes = self._meta_bytes = None
         keep = keep & self.valid
         gone = (self.valid & ~keep).nonzero().tolist()  # [[head, slot]]
         if not gone:
@@ -489,9 +490,12 @@ class QuantKVStore(Store):
         return self.nbytes()
 
     def meta_bytes(self) -> int:
-        ts = [getattr(self, n) for n in META if getattr(self, n) is not None]
-        ts += [hd.bk.size for hd in self.heads if isinstance(hd.bk, ChannelKeys)]
-        return _nb(*ts) + (self.flagger.nbytes() if hasattr(self.flagger, "nbytes") else 0)
+        """The (H, C) metadata, key-group sizes and the flagger's state; cached like nbytes."""
+        if self._meta_bytes is None:
+            ts = [getattr(self, n) for n in META if getattr(self, n) is not None]
+            ts += [hd.bk.size for hd in self.heads if isinstance(hd.bk, ChannelKeys)]
+            self._meta_bytes = _nb(*ts) + (self.flagger.nbytes() if hasattr(self.flagger, "nbytes") else 0)
+        return self._meta_bytes
 
     def tier_bytes(self) -> dict:
         """Bytes each tier allocates, summed over heads: hi, body (codes + scales + zeros), res."""
