@@ -105,15 +105,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 _LITTLE = sys.byteorder == "little"
-_SHIFTS: dict = {}  # (word bits, bits, device) -> shifts of the codes in a word (unpack_float)
-
-
-def _shifts(word: int, bits: int, device) -> torch.Tensor:
-    """The int32 shifts of the codes in a word of `word` bits (24: a 3-byte chunk), cached."""
-    key = (word, bits, device)
-    if key not in _SHIFTS:
-        _SHIFTS[key] = torch.arange(0, word, bits, dtype=torch.int32, device=device)
-    return _SHIFTS[key]
+_SHIFTS: dict = {}  # (bits, device) -> int32 shifts of the codes in a word (unpack_float)
 
 
 def unpack_float(packed: torch.Tensor, bits: int, n: int) -> tuple[torch.Tensor, int]:
@@ -127,10 +119,13 @@ def unpack_float(packed: torch.Tensor, bits: int, n: int) -> tuple[torch.Tensor,
     out = t * n * 4
     if bits == 8:
         return packed[:, :n].float(), out
-    shifts = _shifts(24 if bits == 3 else 32, bits, packed.device)
     if bits == 4:  # two planes (pack_codes): the nibbles of each byte, side by side
         c = torch.cat([packed & 15, packed >> 4], dim=1)
         return c[:, :n].float(), max(4 * t * p, 2 * t * p + out)  # planes and codes; codes and floats
+    shifts = _SHIFTS.get((bits, packed.device))
+    if shifts is None:
+        shifts = _SHIFTS[bits, packed.device] = torch.arange(0, 24 if bits == 3 else 32, bits, dtype=torch.int32,
+                                                             device=packed.device)
     if bits == 2 and _LITTLE and p % 4 == 0 and packed.is_contiguous() and packed.storage_offset() % 4 == 0:
         w = packed.view(torch.int32)[:, :, None]  # (T, P/4, 1), a view
         extra = 0
