@@ -239,6 +239,9 @@ def main(argv=None) -> int:
           f"head_dim {geom['head_dim']}, "
           f"{dtype}, {device}), contexts {contexts}, budgets {budgets}, chunk {a.chunk_size}, "
           f"warm-up {a.warmup}, repeats {a.repeats}", flush=True)
+    from kvbench.engine import ckernel
+
+    print(f"# quantized blocks dequantized by: {ckernel.status()}", flush=True)
     g = torch.Generator().manual_seed(a.seed)
     ids = torch.randint(0, model.config.vocab_size, (max(contexts + budgets),), generator=g)
 

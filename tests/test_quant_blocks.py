@@ -16,14 +16,16 @@ and combines the blocks with an online softmax (`hf._attend_blocks`). These test
 
 from __future__ import annotations
 
+import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kvbench import tasks
-from kvbench.engine import hf
-from kvbench.engine.qstore import QuantKVStore, SinkOutlierFlags, value_group
+from kvbench.engine import ckernel, hf
+from kvbench.engine.qstore import ChannelKeys, QuantKVStore, Rows, SinkOutlierFlags, value_group
 from kvbench.engine.session import Session
 from kvbench.methods import method_from_config
 from kvbench.prompt import Prompter
@@ -164,6 +166,53 @@ def test_pieces_cover_slots_within_blocks(block):
             group_ends = torch.cumsum(torch.tensor(st.counts()[h]["groups"]), 0).tolist()
             body = [p for p in pieces if hd.n_hi <= p[0] < hd.n_hi + hd.n_body]
             assert all(p[0] + p[1] - hd.n_hi in group_ends for p in body)
+
+
+def test_c_kernel_is_built_where_a_compiler_is():
+    """CI and a newcomer's machine have a C compiler: the fused kernel must then load, or every
+    quantized decode silently takes the slower torch path."""
+    if os.environ.get("KVBENCH_CKERNEL") == "0" or shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip(ckernel.status())
+    assert ckernel.lib() is not None, ckernel.status()
+    assert ckernel.status().startswith("C (")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sdt", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,g", [(16, 4), (12, 6), (6, 3)])
+def test_c_kernel_equals_torch_path(bits, sdt, d, g, monkeypatch):
+    """deq.c's blocks are the torch path's floats, bit for bit (code * scale, then + zero, each rounded):
+    per-token rows (values, hi tier) and channel keys with partial groups left by eviction, pieces
+    cut at group ends and inside a group, head dims whose codes leave a partial byte or chunk."""
+    if ckernel.lib() is None:
+        pytest.skip(ckernel.status())
+    gen = torch.Generator().manual_seed(bits * 1000 + d)
+    x = torch.randn(90, d, generator=gen) * 4 + torch.randn(1, d, generator=gen)
+    x[7] = 0.0  # a constant group's row (scale 1, code 0)
+    rows = Rows(d, bits, g, torch.float32, "cpu", sdt)
+    rows.add(x[:60]), rows.add(x[60:])
+    keys = ChannelKeys(d, bits, g, "cpu", sdt)
+    keys.add(x[:8 * g]), keys.add(x[8 * g:8 * g + g - 1])  # whole groups, then a partial one
+    keep = torch.ones(len(keys.q), dtype=torch.bool)
+    keep[[1, 2 * g, 2 * g + 1, 5 * g + 3]] = False  # leaves partial groups (at most MAX_PARTIAL + the tail)
+    keys.keep(keep, torch.arange(len(keep)))
+    assert any(0 < n < g for n in keys.size.tolist())
+
+    def both(call):
+        fast = call()
+        with monkeypatch.context() as m:
+            m.setattr(ckernel, "lib", lambda: None)
+            slow = call()
+        return fast, slow
+
+    for block in (1, 5, g, 2 * g + 1, 1000):
+        for lo, hi, runs in keys.spans(block):
+            (a, na), (b, _) = both(lambda: keys.deq32(lo, hi, runs))
+            assert torch.equal(a, b), (block, lo, (a - b).abs().max())
+            assert na == (hi - lo) * d * 4
+        for lo, hi, _ in rows.spans(block):
+            (a, _), (b, _) = both(lambda: rows.deq32(lo, hi))
+            assert torch.equal(a, b), (block, lo, (a - b).abs().max())
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -21,7 +21,9 @@ Attention reads the store piece by piece: pieces(h, block) cuts a head's slots i
 most `block` tokens within one tier, whose keys and values are unpacked to float32 and rescaled in
 place one piece at a time (the arithmetic of QTensor.dequantize, never rounded to the cache dtype;
 engine.hf attends them), so the full-precision working set is one piece of K or V, reported as
-`transient_bytes_peak`; no full-precision copy of the body is kept. keys_values() still rebuilds
+`transient_bytes_peak`; no full-precision copy of the body is kept. On the CPU a piece is unpacked
+and rescaled in one pass by a compiled kernel (engine/ckernel.py, deq.c: the same floats); without
+a C compiler, by torch ops. keys_values() still rebuilds
 the whole (H, C, D) in the cache dtype (tests, traces). nbytes() is what the tiers allocate: codes +
 scales + zeros + residual, per head, so heads of different lengths or bits add no padding; the padded (H, C)
 metadata is counted in meta_bytes().
@@ -45,6 +47,7 @@ from functools import partial
 import torch
 
 from ..quant import QTensor, packed_len, quantize, quantized_nbytes, unpack_codes, unpack_float
+from . import ckernel
 from .store import Store
 
 MAX_PARTIAL = 2
@@ -152,6 +155,8 @@ class Rows:
         q = self.q[lo:hi]
         if self.bits == 16:
             return _f32(q)
+        if ckernel.lib() is not None and ckernel.usable(self.q, self.s, self.z):  # one fused pass, same floats
+            return ckernel.deq_rows(self.q, self.s, self.z, lo, hi, self.d, self.bits, self.g), (hi - lo) * self.d * 4
         c, work = unpack_float(q, self.bits, self.d)
         x = c.view(hi - lo, self.d // self.g, self.g)
         # scales widened first (a small copy): mixed-precision elementwise ops over the block are slow on
@@ -228,6 +233,10 @@ class ChannelKeys:
         the arithmetic of deq (codes * scale + zero in float32, each rounded: the same floats), in
         place on the unpacked codes, each run of equal groups rescaled through a broadcast view (no
         per-row scale tensor)."""
+        if ckernel.lib() is not None and ckernel.usable(self.q, self.s, self.z, self.size):  # one fused pass
+            g0, rem0 = runs[0][1], runs[0][3]  # the piece's first group, and its rows from lo on
+            return ckernel.deq_chan(self.q, self.s, self.z, self.size, lo, hi, self.d, self.bits, g0, rem0), \
+                (hi - lo) * self.d * 4
         c, work = unpack_float(self.q[lo:hi], self.bits, self.d)
         for r0, g0, k, gs in runs:
             x = c[r0:r0 + k * gs].view(k, gs, self.d)

@@ -1,0 +1,133 @@
+"""Fused CPU dequantization of the quantized store's blocks (engine/deq.c, loaded with ctypes).
+
+The torch path of `qstore.Rows.deq32` / `qstore.ChannelKeys.deq32` unpacks a block's codes and
+rescales them in 6-10 tensor ops plus one small op per run of key groups: on CPU a decode step of
+a quantized store spent more time dispatching those ops than computing. deq.c does the same per
+row in one pass, writing only the float32 block: the same floats (code * scale, rounded, then +
+zero, rounded; built with -ffp-contract=off), asserted bit for bit against the torch path in
+tests/test_quant_blocks.py.
+
+Built on first use with the machine's C compiler (`$CC`, else `cc`) into `$KVBENCH_KERNEL_DIR`
+(default `~/.cache/kvbench/kernels`), under a name that hashes the source, the flags, the
+compiler's version and the machine, compiled to a private name and renamed into place (jobs that
+build it at once never see half a file). `KVBENCH_CKERNEL=0` turns it off. Without a compiler the
+store keeps its torch path, with the same floats, and `status()` says why; bench/decode.py prints it.
+CPU tensors only (a CUDA store keeps the torch path).
+
+    python -m kvbench.engine.ckernel     # build now and print where it is
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("deq.c")
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-std=c99"]
+SCALE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_log = logging.getLogger(__name__)
+_state: dict = {}  # "lib": CDLL or None, "status": str
+
+
+def _kernel_dir() -> Path:
+    d = os.environ.get("KVBENCH_KERNEL_DIR")
+    if d:
+        return Path(d)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvbench" / "kernels"
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("KVBENCH_CKERNEL", "1") == "0":
+        return None, "off (KVBENCH_CKERNEL=0): torch path"
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        return None, f"no C compiler ({cc!r} not found): torch path"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"C compiler {cc!r} failed to run ({e}): torch path"
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(),
+                                     platform.machine().encode(), platform.system().encode()])).hexdigest()[:16]
+    out = _kernel_dir() / f"deq-{key}.so"
+    if not out.exists():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".deq-{key}.", suffix=".so", dir=out.parent)
+            os.close(fd)
+            r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                os.unlink(tmp)
+                return None, f"{cc} failed on {SOURCE.name}: {r.stderr.strip()[:400]}: torch path"
+            os.replace(tmp, out)
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"could not build {out} ({e}): torch path"
+    try:
+        lib = ctypes.CDLL(str(out))
+    except OSError as e:
+        return None, f"could not load {out} ({e}): torch path"
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.kvb_deq_rows.argtypes = [P, I64, I64, I64, I, I64, P, P, I64, I, P]
+    lib.kvb_deq_chan.argtypes = [P, I64, I64, I64, I, P, I64, I64, P, P, I64, I, P]
+    lib.kvb_deq_rows.restype = lib.kvb_deq_chan.restype = None
+    return lib, f"C ({out})"
+
+
+def lib() -> ctypes.CDLL | None:
+    """The compiled kernels, built once per process (None: use the torch path; status() says why)."""
+    if "lib" not in _state:
+        _state["lib"], _state["status"] = _build()
+        if _state["lib"] is None:
+            _log.warning("kvbench quantized store: %s", _state["status"])
+    return _state["lib"]
+
+
+def status() -> str:
+    """Which path dequantizes the quantized store's blocks, and why."""
+    lib()
+    return _state["status"]
+
+
+def usable(*ts: torch.Tensor) -> bool:
+    """Whether the C kernels can read these tensors: on the CPU, row-major and contiguous."""
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in ts)
+
+
+def deq_rows(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: int, hi: int, d: int, bits: int,
+             g: int) -> torch.Tensor:
+    """Rows lo:hi of per-token codes q (n, P) uint8 with scales/zeros s, z (n, d // g) -> (hi - lo, d)
+    float32."""
+    out = torch.empty(hi - lo, d, dtype=torch.float32)
+    if hi > lo:
+        es = s.element_size() * s.stride(0)
+        _state["lib"].kvb_deq_rows(q.data_ptr() + lo * q.stride(0), q.stride(0), hi - lo, d, bits, g,
+                                   s.data_ptr() + lo * es, z.data_ptr() + lo * es, s.stride(0),
+                                   SCALE_DTYPES[s.dtype], out.data_ptr())
+    return out
+
+
+def deq_chan(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, size: torch.Tensor, lo: int, hi: int, d: int,
+             bits: int, g0: int, rem0: int) -> torch.Tensor:
+    """Rows lo:hi of channel-quantized key codes q (n, P) uint8, groups of `size` (n_groups,) int64
+    rows with scales/zeros s, z (n_groups, d): row lo is in group g0, which has rem0 rows from lo on
+    -> (hi - lo, d) float32."""
+    out = torch.empty(hi - lo, d, dtype=torch.float32)
+    if hi > lo:
+        _state["lib"].kvb_deq_chan(q.data_ptr() + lo * q.stride(0), q.stride(0), hi - lo, d, bits, size.data_ptr(),
+                                   g0, rem0, s.data_ptr(), z.data_ptr(), s.stride(0), SCALE_DTYPES[s.dtype],
+                                   out.data_ptr())
+    return out
+
+
+if __name__ == "__main__":
+    print(status())
