@@ -142,8 +142,14 @@ def test_pieces_equal_float64_attention(bits, dtype, new, block, track, monkeypa
     assert 0 < cache.transient_peak <= min(block, max(st.n_live)) * per_row
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("block", [1, 3, 4, 5, 8, 10_000])
-def test_pieces_cover_slots_within_blocks(block):
+def test_pieces_cover_slots_within_blocks(block, fused, monkeypatch):
+    """On both paths: the C kernel (any cut) and torch ops (body pieces cut at key-group ends)."""
+    if fused and ckernel.lib() is None:
+        pytest.skip(ckernel.status())
+    if not fused:
+        monkeypatch.setattr(ckernel, "lib", lambda: None)
     st = ragged_store(False)
     for h, hd in enumerate(st.heads):
         pieces = st.pieces(h, block)
@@ -162,7 +168,7 @@ def test_pieces_cover_slots_within_blocks(block):
                 assert torch.allclose(x.double(), ref[s0:s0 + w], atol=1e-6)
                 assert torch.equal(x, same[s0:s0 + w])  # codes * scale + zero, each rounded, as dequantize
                 assert nbytes <= w * D * 2 * 4  # (2/4/8 bits here) float32 codes and int32 words or uint8 planes
-        if block >= 4:  # groups of G = 4 fit a block: body pieces end at group ends
+        if block >= 4 and not fused:  # groups of G = 4 fit a block: torch's body pieces end at group ends
             group_ends = torch.cumsum(torch.tensor(st.counts()[h]["groups"]), 0).tolist()
             body = [p for p in pieces if hd.n_hi <= p[0] < hd.n_hi + hd.n_body]
             assert all(p[0] + p[1] - hd.n_hi in group_ends for p in body)
@@ -213,6 +219,11 @@ def test_c_kernel_equals_torch_path(bits, sdt, d, g, monkeypatch):
         for lo, hi, _ in rows.spans(block):
             (a, _), (b, _) = both(lambda: rows.deq32(lo, hi))
             assert torch.equal(a, b), (block, lo, (a - b).abs().max())
+        whole = keys.deq(torch.float32)  # the kernel cuts anywhere: row lo's group is found, not given
+        for lo in range(0, len(keys.q), block):
+            hi = min(lo + block, len(keys.q))
+            a, _ = keys.deq32(lo, hi, None)
+            assert torch.equal(a, whole[lo:hi]), (block, lo)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -78,7 +78,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"could not load {out} ({e}): torch path"
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.kvb_deq_rows.argtypes = [P, I64, I64, I64, I, I64, P, P, I64, I, P]
-    lib.kvb_deq_chan.argtypes = [P, I64, I64, I64, I, P, I64, I64, P, P, I64, I, P]
+    lib.kvb_deq_chan.argtypes = [P, I64, I64, I64, I64, I, P, I64, P, P, I64, I, P]
     lib.kvb_deq_rows.restype = lib.kvb_deq_chan.restype = None
     return lib, f"C ({out})"
 
@@ -100,7 +100,10 @@ def status() -> str:
 
 def usable(*ts: torch.Tensor) -> bool:
     """Whether the C kernels can read these tensors: on the CPU, row-major and contiguous."""
-    return all(t.device.type == "cpu" and t.is_contiguous() for t in ts)
+    for t in ts:  # (a loop, not all(generator): called per block)
+        if not t.is_contiguous() or t.device.type != "cpu":
+            return False
+    return True
 
 
 def deq_rows(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: int, hi: int, d: int, bits: int,
@@ -117,15 +120,14 @@ def deq_rows(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: int, hi: int
 
 
 def deq_chan(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, size: torch.Tensor, lo: int, hi: int, d: int,
-             bits: int, g0: int, rem0: int) -> torch.Tensor:
-    """Rows lo:hi of channel-quantized key codes q (n, P) uint8, groups of `size` (n_groups,) int64
-    rows with scales/zeros s, z (n_groups, d): row lo is in group g0, which has rem0 rows from lo on
-    -> (hi - lo, d) float32."""
+             bits: int) -> torch.Tensor:
+    """Rows lo:hi of channel-quantized key codes q (n, P) uint8, in groups of `size` (n_groups,) int64
+    consecutive rows with scales/zeros s, z (n_groups, d) -> (hi - lo, d) float32. A piece may start
+    and end anywhere: the kernel finds row lo's group."""
     out = torch.empty(hi - lo, d, dtype=torch.float32)
     if hi > lo:
-        _state["lib"].kvb_deq_chan(q.data_ptr() + lo * q.stride(0), q.stride(0), hi - lo, d, bits, size.data_ptr(),
-                                   g0, rem0, s.data_ptr(), z.data_ptr(), s.stride(0), SCALE_DTYPES[s.dtype],
-                                   out.data_ptr())
+        _state["lib"].kvb_deq_chan(q.data_ptr(), q.stride(0), lo, hi - lo, d, bits, size.data_ptr(), size.shape[0],
+                                   s.data_ptr(), z.data_ptr(), s.stride(0), SCALE_DTYPES[s.dtype], out.data_ptr())
     return out
 
 

@@ -81,24 +81,25 @@ void kvb_deq_rows(const uint8_t *q, int64_t qs, int64_t t, int64_t d, int bits, 
     }
 }
 
-/* Keys quantized per channel in groups of consecutive rows: row r of the block belongs to group
- * g0 for its first rem0 rows, then to g0 + 1 for size[g0 + 1] rows, and so on; out (t, d) =
- * code * s[group, c] + z[group, c]. */
-void kvb_deq_chan(const uint8_t *q, int64_t qs, int64_t t, int64_t d, int bits, const int64_t *size,
-                  int64_t g0, int64_t rem0, const void *s, const void *z, int64_t ss, int sdt, float *out) {
+/* Keys quantized per channel in groups of consecutive rows, group i holding size[i] rows (n_groups
+ * groups): rows lo .. lo + t of the keys, out (t, d) = code * s[group, c] + z[group, c]. q points at
+ * row 0. */
+void kvb_deq_chan(const uint8_t *q, int64_t qs, int64_t lo, int64_t t, int64_t d, int bits, const int64_t *size,
+                  int64_t n_groups, const void *s, const void *z, int64_t ss, int sdt, float *out) {
     float sc[d], zc[d];
-    int64_t g = g0, rem = 0;
+    int64_t g = 0, end = n_groups ? size[0] : 0;
+    while (g + 1 < n_groups && end <= lo) end += size[++g]; /* the group of row lo; it ends before row `end` */
+    int64_t rem = end - lo;
     for (int64_t r = 0; r < t; r++) {
-        if (rem == 0) {
-            if (r > 0) g++;
-            rem = r == 0 ? rem0 : size[g];
+        if (r == 0 || rem == 0) {
+            if (r > 0) rem = size[++g];
             for (int64_t c = 0; c < d; c++) {
                 sc[c] = ld(s, g * ss + c, sdt);
                 zc[c] = ld(z, g * ss + c, sdt);
             }
         }
         float *o = out + r * d;
-        unpack_row(q + r * qs, d, bits, o);
+        unpack_row(q + (lo + r) * qs, d, bits, o);
         for (int64_t c = 0; c < d; c++) {
             float y = o[c] * sc[c];
             o[c] = y + zc[c];

@@ -229,19 +229,21 @@ class ChannelKeys:
         return out
 
     def deq32(self, lo: int, hi: int, runs: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, int]:
-        """Rows lo:hi (one piece of `spans`) in float32, and the bytes the call allocated at its peak:
-        the arithmetic of deq (codes * scale + zero in float32, each rounded: the same floats), in
-        place on the unpacked codes, each run of equal groups rescaled through a broadcast view (no
-        per-row scale tensor)."""
-        if ckernel.lib() is not None and ckernel.usable(self.q, self.s, self.z, self.size):  # one fused pass
-            g0, rem0 = runs[0][1], runs[0][3]  # the piece's first group, and its rows from lo on
-            return ckernel.deq_chan(self.q, self.s, self.z, self.size, lo, hi, self.d, self.bits, g0, rem0), \
-                (hi - lo) * self.d * 4
+        """Rows lo:hi in float32, and the bytes the call allocated at its peak: the arithmetic of deq
+        (codes * scale + zero in float32, each rounded: the same floats). The C kernel (`fused`) reads
+        any rows in one pass; the torch path needs a piece of `spans` and its `runs`, unpacks it and
+        rescales each run of equal groups in place through a broadcast view (no per-row scale tensor)."""
+        if self.fused():  # one pass; `runs` unused
+            return ckernel.deq_chan(self.q, self.s, self.z, self.size, lo, hi, self.d, self.bits), (hi - lo) * self.d * 4
         c, work = unpack_float(self.q[lo:hi], self.bits, self.d)
         for r0, g0, k, gs in runs:
             x = c[r0:r0 + k * gs].view(k, gs, self.d)
             x.mul_(self.s[g0:g0 + k, None].float()).add_(self.z[g0:g0 + k, None].float())
         return c, work
+
+    def fused(self) -> bool:
+        """Whether deq32 runs the C kernel (ckernel), which needs no runs and reads any cut."""
+        return ckernel.lib() is not None and ckernel.usable(self.q, self.s, self.z, self.size)
 
     def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Drop rows where keep (n,) is False. Returns the surviving rows' old indices in their new
@@ -442,8 +444,12 @@ class QuantKVStore(Store):
         a, b, n = hd.n_hi, hd.n_hi + hd.n_body, self.n_live[h]
         out = [(lo, hi - lo, partial(hd.hk.deq32, lo, hi), partial(hd.hv.deq32, lo, hi))
                for lo, hi, _ in hd.hk.spans(block)]
+        if isinstance(hd.bk, ChannelKeys) and hd.bk.fused():  # the kernel finds each row's group: any cut
+            body = [(lo, min(lo + block, hd.n_body), None) for lo in range(0, hd.n_body, block)]
+        else:
+            body = hd.bk.spans(block)
         out += [(a + lo, hi - lo, partial(hd.bk.deq32, lo, hi, runs), partial(hd.bv.deq32, lo, hi))
-                for lo, hi, runs in hd.bk.spans(block)]
+                for lo, hi, runs in body]
         for lo in range(b, n, block):
             r = slice(lo - b, min(lo + block, n) - b)
             out.append((lo, r.stop - r.start, partial(_f32, hd.rk[r]), partial(_f32, hd.rv[r])))
