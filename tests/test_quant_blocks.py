@@ -185,7 +185,7 @@ def test_c_kernel_is_built_where_a_compiler_is():
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sdt", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("d,g", [(16, 4), (12, 6), (6, 3)])
+@pytest.mark.parametrize("d,g", [(16, 4), (12, 6), (6, 3), (64, 32), (64, 64), (128, 32), (128, 128)])  # the last: deq.c's constant-size loops
 def test_c_kernel_equals_torch_path(bits, sdt, d, g, monkeypatch):
     """deq.c's blocks are the torch path's floats, bit for bit (code * scale, then + zero, each rounded):
     per-token rows (values, hi tier) and channel keys with partial groups left by eviction, pieces
@@ -193,7 +193,7 @@ def test_c_kernel_equals_torch_path(bits, sdt, d, g, monkeypatch):
     if ckernel.lib() is None:
         pytest.skip(ckernel.status())
     gen = torch.Generator().manual_seed(bits * 1000 + d)
-    x = torch.randn(90, d, generator=gen) * 4 + torch.randn(1, d, generator=gen)
+    x = torch.randn(max(90, 10 * g), d, generator=gen) * 4 + torch.randn(1, d, generator=gen)
     x[7] = 0.0  # a constant group's row (scale 1, code 0)
     rows = Rows(d, bits, g, torch.float32, "cpu", sdt)
     rows.add(x[:60]), rows.add(x[60:])

@@ -36,6 +36,7 @@ FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-st
 SCALE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _log = logging.getLogger(__name__)
 _state: dict = {}  # "lib": CDLL or None, "status": str
+_ROWS = _CHAN = None  # the two kernels, once built (called per block: no attribute lookups)
 
 
 def _kernel_dir() -> Path:
@@ -79,16 +80,20 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.kvb_deq_rows.argtypes = [P, I64, I64, I64, I, I64, P, P, I64, I, P]
     lib.kvb_deq_chan.argtypes = [P, I64, I64, I64, I64, I, P, I64, P, P, I64, I, P]
-    lib.kvb_deq_rows.restype = lib.kvb_deq_chan.restype = None
+    lib.kvb_deq_rows.restype = lib.kvb_deq_chan.restype = lib.kvb_init.restype = None
+    lib.kvb_init()  # the 2-bit lookup table
     return lib, f"C ({out})"
 
 
 def lib() -> ctypes.CDLL | None:
     """The compiled kernels, built once per process (None: use the torch path; status() says why)."""
+    global _ROWS, _CHAN
     if "lib" not in _state:
         _state["lib"], _state["status"] = _build()
         if _state["lib"] is None:
             _log.warning("kvbench quantized store: %s", _state["status"])
+        else:
+            _ROWS, _CHAN = _state["lib"].kvb_deq_rows, _state["lib"].kvb_deq_chan
     return _state["lib"]
 
 
@@ -101,7 +106,7 @@ def status() -> str:
 def usable(*ts: torch.Tensor) -> bool:
     """Whether the C kernels can read these tensors: on the CPU, row-major and contiguous."""
     for t in ts:  # (a loop, not all(generator): called per block)
-        if not t.is_contiguous() or t.device.type != "cpu":
+        if not (t.is_cpu and t.is_contiguous()):
             return False
     return True
 
@@ -112,10 +117,11 @@ def deq_rows(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: int, hi: int
     float32."""
     out = torch.empty(hi - lo, d, dtype=torch.float32)
     if hi > lo:
-        es = s.element_size() * s.stride(0)
-        _state["lib"].kvb_deq_rows(q.data_ptr() + lo * q.stride(0), q.stride(0), hi - lo, d, bits, g,
-                                   s.data_ptr() + lo * es, z.data_ptr() + lo * es, s.stride(0),
-                                   SCALE_DTYPES[s.dtype], out.data_ptr())
+        ss = s.stride(0)
+        es = lo * ss * s.element_size()
+        qs = q.stride(0)
+        _ROWS(q.data_ptr() + lo * qs, qs, hi - lo, d, bits, g, s.data_ptr() + es, z.data_ptr() + es, ss,
+              SCALE_DTYPES[s.dtype], out.data_ptr())
     return out
 
 
@@ -126,8 +132,8 @@ def deq_chan(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, size: torch.Tens
     and end anywhere: the kernel finds row lo's group."""
     out = torch.empty(hi - lo, d, dtype=torch.float32)
     if hi > lo:
-        _state["lib"].kvb_deq_chan(q.data_ptr(), q.stride(0), lo, hi - lo, d, bits, size.data_ptr(), size.shape[0],
-                                   s.data_ptr(), z.data_ptr(), s.stride(0), SCALE_DTYPES[s.dtype], out.data_ptr())
+        _CHAN(q.data_ptr(), q.stride(0), lo, hi - lo, d, bits, size.data_ptr(), size.shape[0], s.data_ptr(),
+              z.data_ptr(), s.stride(0), SCALE_DTYPES[s.dtype], out.data_ptr())
     return out
 
 

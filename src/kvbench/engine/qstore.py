@@ -152,12 +152,11 @@ class Rows:
         """Rows lo:hi in float32 for attention, and the bytes the call allocated at its peak (0: a
         view of a float32 store). The arithmetic of QTensor.dequantize (codes * scale + zero in
         float32, each rounded), in place on the unpacked codes: the same floats."""
-        q = self.q[lo:hi]
         if self.bits == 16:
-            return _f32(q)
+            return _f32(self.q[lo:hi])
         if ckernel.lib() is not None and ckernel.usable(self.q, self.s, self.z):  # one fused pass, same floats
             return ckernel.deq_rows(self.q, self.s, self.z, lo, hi, self.d, self.bits, self.g), (hi - lo) * self.d * 4
-        c, work = unpack_float(q, self.bits, self.d)
+        c, work = unpack_float(self.q[lo:hi], self.bits, self.d)
         x = c.view(hi - lo, self.d // self.g, self.g)
         # scales widened first (a small copy): mixed-precision elementwise ops over the block are slow on
         # CPU; a multiply then an add (as dequantize rounds), not addcmul: 4x slower on a per-row scale
