@@ -405,13 +405,14 @@ class QuantKVStore(Store):
         else:
             idx = torch.stack(idxs) if idxs else torch.empty(0, 0, dtype=torch.long, device=dev)
             self.valid = torch.ones(self.h, c, dtype=torch.bool, device=dev)
+        pad = ~self.valid if ragged else None  # (H, c) padding slots, zeroed in every field
         for name in META:
             t = getattr(self, name)
             if t is None or name == "valid":
                 continue
             out = t.gather(1, idx)
             if ragged:
-                out.masked_fill_(~self.valid, 0)
+                out.masked_fill_(pad, 0)
             setattr(self, name, out)
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
