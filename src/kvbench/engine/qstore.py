@@ -333,29 +333,41 @@ class QuantKVStore(Store):
 
     # ---- growth and attention inputs -------------------------------------------------------
     def append(self, k, v, seq, pos, role) -> None:
-        """k, v: (H, n, D); seq, pos, role: (n,) shared by all heads."""
+        """k, v: (H, n, D); seq, pos, role: (n,) shared by all heads. Head h's new tokens take its
+        slots n_live[h] .. n_live[h] + n (its padding first, written in place; the (H, C) metadata
+        grows only by what the longest head needs); the slots are rebuilt only when a flagged token
+        leaves the residual window for the hi tier (the one move that reorders a head's slots)."""
         self._nbytes = self._meta_bytes = None
         n, c, lens = k.shape[1], self.seq.shape[1], list(self.n_live)
+        dev = k.device
         self._last_seq = seq
-        flag = self.flagger(k, seq) if self.flagger else torch.zeros(self.h, n, dtype=torch.bool, device=k.device)
+        flag = self.flagger(k, seq) if self.flagger else torch.zeros(self.h, n, dtype=torch.bool, device=dev)
         new = dict(seq=seq.expand(self.h, n), pos=pos.expand(self.h, n), role=role.to(torch.int8).expand(self.h, n),
-                   valid=flag.new_ones(self.h, n), flag=flag, score=torch.zeros(self.h, n, device=k.device))
+                   valid=flag.new_ones(self.h, n), flag=flag, score=torch.zeros(self.h, n, device=dev))
+        top = max(lens, default=0) + n
+        lo = min(lens, default=0)
+        slots = None if lo + n == top else torch.tensor(lens, device=dev)[:, None] + torch.arange(n, device=dev)
         for name in META:
-            if getattr(self, name) is not None:
-                setattr(self, name, torch.cat([getattr(self, name), new[name].to(getattr(self, name).dtype)], 1))
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if top > c:  # padding columns: zeros (not valid), as _regather leaves them
+                t = torch.cat([t, t.new_zeros(self.h, top - c)], 1)
+                setattr(self, name, t)
+            if slots is None:  # every head at the same length: one slice
+                t[:, lo:top] = new[name]
+            else:
+                t.scatter_(1, slots, new[name].to(t.dtype))
         idxs, moved = [], False
         for h, hd in enumerate(self.heads):
             hd.rk, hd.rv = torch.cat([hd.rk, k[h].to(self.dtype)]), torch.cat([hd.rv, v[h].to(self.dtype)])
-            if lens[h] == c and not self._flushes(hd, lens[h] + n, self.flag[h]):
-                idxs.append(None)  # no padding and nothing leaves the residual window: slots unchanged
-                continue
-            slots = torch.cat([torch.arange(lens[h], device=k.device), c + torch.arange(n, device=k.device)])
-            idxs.append(slots[self._flush(hd, self.flag[h, slots])])
-            moved = True
-        if not moved:
-            self.n_live = [x + n for x in lens]
-            return
-        self._regather([torch.arange(c + n, device=k.device) if i is None else i for i in idxs])
+            order = self._flush(hd, self.flag[h, :lens[h] + n]) if self._flushes(
+                hd, lens[h] + n, self.flag[h, :lens[h] + n]) else None
+            idxs.append(order)
+            moved = moved or order is not None
+        self.n_live = [x + n for x in lens]
+        if moved:
+            self._regather([torch.arange(m, device=dev) if i is None else i for i, m in zip(idxs, self.n_live)])
 
     def _flushes(self, hd: _Head, n: int, flag: torch.Tensor) -> bool:
         """Whether `_flush` would move anything out of the residual window of a head holding n
@@ -369,23 +381,32 @@ class QuantKVStore(Store):
             return False
         return old >= self.g or (self.max_hi > hd.n_hi and bool(flag[b:b + old].any()))
 
-    def _flush(self, hd: _Head, flag: torch.Tensor) -> torch.Tensor:
+    def _flush(self, hd: _Head, flag: torch.Tensor) -> torch.Tensor | None:
         """Move residual tokens older than the window out: flagged ones to `hi` (while it has room),
-        the rest to the body in whole groups of G. Returns the head's new slot order."""
+        the rest to the body in whole groups of G. Returns the head's new slot order, or None when
+        that is the old one (nothing went to `hi`: the body's new groups were the residual's oldest
+        tokens, right after it)."""
         n, a = flag.shape[0], hd.n_hi
         b = a + hd.n_body
         old = n - b - self.residual
         if old <= 0:
-            return torch.arange(n, device=flag.device)
-        hi = flag[b:b + old].nonzero().squeeze(1)[: max(self.max_hi - a, 0)]  # residual-relative
+            return None
+        room = self.max_hi - a
+        hi = flag[b:b + old].nonzero().squeeze(1)[:room] if room > 0 else None  # residual-relative
+        if hi is None or not hi.numel():  # the oldest whole groups go to the body; the slot order stays
+            m = old // self.g * self.g
+            if m:
+                hd.bk.add(hd.rk[:m]), hd.bv.add(hd.rv[:m])
+                hd.rk, hd.rv = hd.rk[m:].clone(), hd.rv[m:].clone()  # (clones: a view would hold the old rows)
+                hd.n_body += m
+            return None
         rest = torch.ones(old, dtype=torch.bool, device=flag.device)
         rest[hi] = False
         normal = rest.nonzero().squeeze(1)
         body = normal[: normal.shape[0] // self.g * self.g]
         stay = torch.ones(n - b, dtype=torch.bool, device=flag.device)
         stay[hi], stay[body] = False, False
-        if hi.numel():
-            hd.hk.add(hd.rk[hi]), hd.hv.add(hd.rv[hi])
+        hd.hk.add(hd.rk[hi]), hd.hv.add(hd.rv[hi])
         if body.numel():
             hd.bk.add(hd.rk[body]), hd.bv.add(hd.rv[body])
         hd.rk, hd.rv = hd.rk[stay], hd.rv[stay]
