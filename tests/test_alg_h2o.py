@@ -194,3 +194,22 @@ def test_h2o_select_fills_the_budget_from_older_tokens():
     keep = method_from_config("h2o", {"recent_ratio": 0.5}).select(view, torch.tensor([6, 4]))
     assert keep[0].nonzero().flatten().tolist() == [6, 7, 8, 9, 10, 11]  # recent 9-11 + the best older 6-8
     assert keep[1].nonzero().flatten().tolist() == [0, 1, 10, 11]  # recent 10-11 + the two oldest of the ties
+
+
+def test_h2o_select_unordered_slots_keeps_the_same_tokens():
+    """The same rule on a store whose slots are out of stream order (a quantized store's tiers, freed
+    slots reused) with invalid slots among them: the kept tokens are the ones the ordered store keeps,
+    ties included (the older token wins, by stream index, not by slot)."""
+    c = 12
+    perm = torch.tensor([5, 11, 0, 7, 2, 9, 1, 10, 3, 8, 4, 6])  # slot -> stream index
+    seq = torch.cat([perm, torch.zeros(2, dtype=torch.long)]).expand(2, c + 2)  # two padding slots
+    valid = torch.ones(2, c + 2, dtype=torch.bool)
+    valid[:, c:] = False
+    rising = torch.cat([perm.float(), torch.zeros(2)])  # head 0: newer = more attention
+    flat = torch.cat([torch.ones(c), torch.full((2,), 5.0)])  # head 1: all equal (padding: stale high scores)
+    view = LayerView(seq, seq, torch.ones(2, c + 2, dtype=torch.long), valid, torch.stack([rising, flat]),
+                     layer=0, ordered=False)
+    keep = method_from_config("h2o", {"recent_ratio": 0.5}).select(view, torch.tensor([6, 4]))
+    assert not keep[:, c:].any()
+    assert sorted(seq[0][keep[0]].tolist()) == [6, 7, 8, 9, 10, 11]
+    assert sorted(seq[1][keep[1]].tolist()) == [0, 1, 10, 11]  # the two oldest of the ties, wherever they sit

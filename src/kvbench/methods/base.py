@@ -130,6 +130,16 @@ class LayerView:
         m = self.types.get(name)
         return (m if m is not None else self.valid.new_zeros(self.valid.shape[0]))[:, None]
 
+    def age_order(self) -> torch.Tensor:
+        """(H, C) slots of each head from its oldest live entry to its newest, invalid slots last
+        (a view whose slots are out of stream order, `ordered` False; computed once per view)."""
+        order = self.__dict__.get("_order")
+        if order is None:
+            big = torch.iinfo(torch.long).max
+            key = torch.where(self.valid, self.seq, torch.full_like(self.seq, big))
+            order = self.__dict__["_order"] = torch.argsort(key, dim=1)
+        return order
+
     def age_rank(self) -> torch.Tensor:
         """(H, C): 0 for the oldest live entry of each head, counting up; invalid slots get C."""
         rank = self.__dict__.get("_rank")  # computed once per view: rules composed on it share it
@@ -138,11 +148,9 @@ class LayerView:
             if self.ordered:
                 rank = torch.where(self.valid, torch.cumsum(self.valid, dim=1) - 1, c)
             else:
-                big = torch.iinfo(torch.long).max
-                key = torch.where(self.valid, self.seq, torch.full_like(self.seq, big))
-                order = torch.argsort(key, dim=1)
+                order = self.age_order()
                 rank = torch.empty_like(order)
-                rank.scatter_(1, order, torch.arange(c, device=key.device).expand_as(order))
+                rank.scatter_(1, order, torch.arange(c, device=order.device).expand_as(order))
                 rank = torch.where(self.valid, rank, torch.full_like(rank, c))
             self.__dict__["_rank"] = rank
         return rank
@@ -165,16 +173,19 @@ class LayerView:
 
 
 def top_by(score: torch.Tensor, candidates: torch.Tensor, n: torch.Tensor | int,
-           seq: torch.Tensor | None = None) -> torch.Tensor:
+           seq: torch.Tensor | None = None, by_age: torch.Tensor | None = None) -> torch.Tensor:
     """(H, C) bool: per head, the n candidates with the highest score (ties: older first). Slots are
-    taken as stream order unless `seq` (H, C) is given (a store that reuses freed slots)."""
+    taken as stream order unless `seq` (H, C) is given (a store that reuses freed slots), or
+    `by_age` (H, C), the slots sorted by age with every candidate among them in stream order
+    (`LayerView.age_order`, shared with the rule's other age questions)."""
     h, c = score.shape
     n = torch.as_tensor(n, device=score.device).reshape(-1, 1).expand(h, 1)
     s = torch.where(candidates, score.float(), torch.full_like(score, float("-inf"), dtype=torch.float))
-    if seq is None:
+    if seq is None and by_age is None:
         order = torch.argsort(s, dim=1, descending=True, stable=True)
     else:  # by age first, then a stable sort by score: ties stay oldest first
-        by_age = torch.argsort(seq, dim=1, stable=True)
+        if by_age is None:
+            by_age = torch.argsort(seq, dim=1, stable=True)
         order = by_age.gather(1, torch.argsort(s.gather(1, by_age), dim=1, descending=True, stable=True))
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(c, device=score.device).expand_as(order))

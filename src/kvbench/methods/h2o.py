@@ -30,5 +30,6 @@ class H2O(Method):
     def select(self, view: LayerView, budgets):
         n_recent = (budgets.float() * self.recent_ratio).long()
         recent = view.recent(n_recent)
-        heavy = top_by(view.score, view.valid & ~recent, budgets - n_recent, None if view.ordered else view.seq)
+        heavy = top_by(view.score, view.valid & ~recent, budgets - n_recent,
+                       by_age=None if view.ordered else view.age_order())
         return recent | heavy
