@@ -61,3 +61,12 @@ def test_ci_runs_the_readme_test_command_from_the_system_python():
         ["bash", "-c", "awk '/<!-- test-command -->/{f=1;next} f&&/^```bash/{g=1;next} g&&/^```/{exit} g{print}' "
          "README.md"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     assert out == _readme_command("test-command")
+
+
+def test_package_data_ships_the_kernel_source():
+    """A non-editable install must carry engine/deq.c, or the quantized store silently falls back to
+    its slower torch path on every machine that installs kvbench from a wheel."""
+    globs = _pyproject()["tool"]["setuptools"]["package-data"]["kvbench"]
+    pkg = ROOT / "src" / "kvbench"
+    shipped = {p.relative_to(pkg).as_posix() for g in globs for p in pkg.glob(g)}
+    assert "engine/deq.c" in shipped, globs
