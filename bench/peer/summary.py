@@ -54,7 +54,10 @@ def full_ms(rows: list[dict], context) -> float | None:
 def shape_rows(model: str, results: str) -> list[dict]:
     out = []
     for path in sorted(glob.glob(os.path.join(results, f"decode_{model}_t*.csv"))):
-        th = re.search(r"_t(\d+)\.csv$", path).group(1)
+        m = re.search(r"_t(\d+)\.csv$", path)
+        if m is None:  # another run of the shape (e.g. decode_<model>_t1_r30.csv, more rounds): not run.sh's
+            continue
+        th = m.group(1)
         rows = read(path)
         for r in rows:
             if r["budget"] == "full":
