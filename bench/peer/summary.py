@@ -96,8 +96,9 @@ def versus_kvpress(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     results = (argv or sys.argv[1:] or [RESULTS])[0]
-    models = sorted({re.sub(r"^decode_(.+)_t\d+\.csv$", r"\1", os.path.basename(p))
-                     for p in glob.glob(os.path.join(results, "decode_*_t*.csv"))})
+    found = (re.match(r"^decode_(.+)_t\d+\.csv$", os.path.basename(p))
+             for p in glob.glob(os.path.join(results, "decode_*_t*.csv")))
+    models = sorted({m.group(1) for m in found if m})  # run.sh's files only (not decode_<model>_t1_r30.csv)
     everything = []
     for m in models:
         rows = shape_rows(m, results)
