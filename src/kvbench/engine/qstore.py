@@ -143,6 +143,10 @@ class Rows:
             return q.to(dtype, copy=True)
         return QTensor(q, self.s[lo:hi], self.z[lo:hi], self.bits, self.g, "token", (hi - lo, self.d)).dequantize(dtype)
 
+    def fused(self) -> bool:
+        """Whether deq32 runs the C kernel (ckernel): quantized rows, CPU, contiguous."""
+        return self.bits < 16 and ckernel.lib() is not None and ckernel.usable(self.q, self.s, self.z)
+
     def spans(self, block: int) -> list[tuple[int, int, None]]:
         """Rows cut into pieces (lo, hi, None) of at most `block` rows (any cut: scales are per row)."""
         n = len(self)
@@ -154,7 +158,7 @@ class Rows:
         float32, each rounded), in place on the unpacked codes: the same floats."""
         if self.bits == 16:
             return _f32(self.q[lo:hi])
-        if ckernel.lib() is not None and ckernel.usable(self.q, self.s, self.z):  # one fused pass, same floats
+        if self.fused():  # one pass, same floats
             return ckernel.deq_rows(self.q, self.s, self.z, lo, hi, self.d, self.bits, self.g), (hi - lo) * self.d * 4
         c, work = unpack_float(self.q[lo:hi], self.bits, self.d)
         x = c.view(hi - lo, self.d // self.g, self.g)
@@ -361,8 +365,8 @@ class QuantKVStore(Store):
         idxs, moved = [], False
         for h, hd in enumerate(self.heads):
             hd.rk, hd.rv = torch.cat([hd.rk, k[h].to(self.dtype)]), torch.cat([hd.rv, v[h].to(self.dtype)])
-            order = self._flush(hd, self.flag[h, :lens[h] + n]) if self._flushes(
-                hd, lens[h] + n, self.flag[h, :lens[h] + n]) else None
+            f = self.flag[h, :lens[h] + n]  # the head's live slots, new tokens included
+            order = self._flush(hd, f) if self._flushes(hd, lens[h] + n, f) else None
             idxs.append(order)
             moved = moved or order is not None
         self.n_live = [x + n for x in lens]

@@ -173,19 +173,16 @@ class LayerView:
 
 
 def top_by(score: torch.Tensor, candidates: torch.Tensor, n: torch.Tensor | int,
-           seq: torch.Tensor | None = None, by_age: torch.Tensor | None = None) -> torch.Tensor:
+           by_age: torch.Tensor | None = None) -> torch.Tensor:
     """(H, C) bool: per head, the n candidates with the highest score (ties: older first). Slots are
-    taken as stream order unless `seq` (H, C) is given (a store that reuses freed slots), or
-    `by_age` (H, C), the slots sorted by age with every candidate among them in stream order
-    (`LayerView.age_order`, shared with the rule's other age questions)."""
+    taken as stream order unless `by_age` (H, C) is given: the slots sorted by age, every candidate
+    among them in stream order (`LayerView.age_order`, for a store out of stream order)."""
     h, c = score.shape
     n = torch.as_tensor(n, device=score.device).reshape(-1, 1).expand(h, 1)
     s = torch.where(candidates, score.float(), torch.full_like(score, float("-inf"), dtype=torch.float))
-    if seq is None and by_age is None:
+    if by_age is None:
         order = torch.argsort(s, dim=1, descending=True, stable=True)
     else:  # by age first, then a stable sort by score: ties stay oldest first
-        if by_age is None:
-            by_age = torch.argsort(seq, dim=1, stable=True)
         order = by_age.gather(1, torch.argsort(s.gather(1, by_age), dim=1, descending=True, stable=True))
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(c, device=score.device).expand_as(order))
