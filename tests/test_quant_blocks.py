@@ -77,8 +77,19 @@ def reference(st, query, seq, role, scaling):
     return out, p.sum(dim=1)
 
 
+@pytest.fixture(params=["c", "torch"])
+def path(request, monkeypatch):
+    """Both ways attention reads the store: "c", the C kernel (whole tiers from their codes, skipped
+    where none is built) and "torch" (float32 blocks by torch ops)."""
+    if request.param == "c" and ckernel.lib() is None:
+        pytest.skip(ckernel.status())
+    if request.param == "torch":
+        monkeypatch.setattr(ckernel, "lib", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("block", [1, 3, 7, 10_000])
-def test_blocks_equal_one_softmax(block):
+def test_blocks_equal_one_softmax(block, path):
     st = ragged_store()
     seq, role = torch.tensor([int(st.seq.max())]), torch.tensor([ROLE_TARGET])
     query = torch.randn(1, 6, 1, D, generator=torch.Generator().manual_seed(1))  # 3 query heads per KV head
@@ -107,8 +118,9 @@ BITS = {"kivi": ((4, 2), (4, 8), (8, 8)), "2-3-16": ((2, 3), (2, 4), (16, 16)), 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("new", [1, 4])
 @pytest.mark.parametrize("block,track", [(1, False), (3, False), (10_000, False), (3, True), (10_000, True)])
-def test_pieces_equal_float64_attention(bits, dtype, new, block, track, monkeypatch):
-    """_attend_blocks == softmax(q.K) V over the float64 dequantized codes, per head, on both paths."""
+def test_pieces_equal_float64_attention(bits, dtype, new, block, track, path, monkeypatch):
+    """_attend_blocks == softmax(q.K) V over the float64 dequantized codes, per head, on both paths
+    (two passes, online softmax) of both readers (C kernel, torch blocks)."""
     st = ragged_store(track, BITS[bits], dtype, new)
     last = int(st.seq.max())
     seq, role = torch.arange(last - new + 1, last + 1), torch.full((new,), ROLE_TARGET)
@@ -137,9 +149,12 @@ def test_pieces_equal_float64_attention(bits, dtype, new, block, track, monkeypa
         if track:
             assert torch.allclose(st.score[h, :k.shape[0]].double(), p.sum(dim=(0, 1)), atol=1e-5)
     # the working set: one piece of K or V, unpacked (float32 codes and, below 8 bits, int32 codes
-    # (4 bits: uint8 planes); 3 bits also the piece's chunk words, 4 bytes per 8 codes)
+    # (4 bits: uint8 planes); 3 bits also the piece's chunk words, 4 bytes per 8 codes); the C
+    # kernel's: one dequantized row (a float16 store's float tiers are still read in blocks)
     per_row = D * 2 * 4 + (D // 8 * 4 if 3 in BITS[bits][0] + BITS[bits][1] else 0)
     assert 0 < cache.transient_peak <= min(block, max(st.n_live)) * per_row
+    if path == "c" and not calls and dtype == torch.float32:
+        assert cache.transient_peak == D * 4
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -226,6 +241,60 @@ def test_c_kernel_equals_torch_path(bits, sdt, d, g, monkeypatch):
             assert torch.equal(a, whole[lo:hi]), (block, lo)
 
 
+def test_c_kernel_widens_every_float16_exactly():
+    """All 65,536 float16 patterns as scales (8-bit code 1, zero 0): the kernel's value is torch's
+    widening, bit for bit (normal, subnormal, zero and its sign, inf, nan)."""
+    if ckernel.lib() is None:
+        pytest.skip(ckernel.status())
+    s = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)[:, None]
+    rows = Rows(1, 8, 1, torch.float32, "cpu", torch.float16)
+    rows.q, rows.s, rows.z = torch.ones(65536, 1, dtype=torch.uint8), s, torch.zeros_like(s)
+    got, want = rows.deq32(0, 65536)[0][:, 0], s[:, 0].float() * 1.0 + 0.0
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~want.isnan()].view(torch.int32), want[~want.isnan()].view(torch.int32))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sdt", [torch.float16, torch.float32])
+@pytest.mark.parametrize("d,g", [(16, 4), (12, 6), (64, 32), (64, 64), (128, 32), (128, 128)])
+def test_c_attention_from_codes_within_float_rounding(bits, sdt, d, g):
+    """deq.c's logits (per-token rows, channel keys cut anywhere) and weighted values equal the exact
+    products of the dequantized floats within float32 summation error (d or n terms, u = 2^-24 each),
+    written only into the column slice they were given, accumulating into what acc held."""
+    if ckernel.lib() is None:
+        pytest.skip(ckernel.status())
+    gen = torch.Generator().manual_seed(bits * 100 + d)
+    x = torch.randn(10 * g, d, generator=gen) * 3
+    rows = Rows(d, bits, min(g, d), torch.float32, "cpu", sdt)
+    rows.add(x)
+    keys = ChannelKeys(d, bits, g, "cpu", sdt)
+    keys.add(x[:8 * g]), keys.add(x[8 * g:9 * g - 1])
+    keep = torch.ones(len(keys.q), dtype=torch.bool)
+    keep[[0, 3, g + 1]] = False
+    keys.keep(keep, torch.arange(len(keep)))
+    u = 2.0 ** -24
+    m = 7
+    qv = torch.randn(m, d, generator=gen)
+    for tier, lo, hi in ((rows, 0, len(rows)), (rows, 3, 3 + g + 1), (keys, 0, len(keys.q)), (keys, g - 2, 3 * g + 1)):
+        k = (tier.deq32(lo, hi)[0] if tier is rows else tier.deq(torch.float32)[lo:hi]).double()
+        wide = torch.full((m, 5 + hi - lo + 3), float("nan"))
+        assert tier.qk(lo, hi, qv, wide[:, 5:5 + hi - lo]) == d * 4
+        want = qv.double() @ k.T
+        bound = d * u * (qv.double().abs() @ k.abs().T) + 1e-30
+        assert ((wide[:, 5:5 + hi - lo].double() - want).abs() <= bound).all()
+        assert wide[:, :5].isnan().all() and wide[:, 5 + hi - lo:].isnan().all()  # nothing written outside
+    for lo, hi in ((0, len(rows)), (5, 5 + 2 * g)):
+        v = rows.deq32(lo, hi)[0].double()
+        pw = torch.rand(m, hi - lo + 4, generator=gen)
+        acc = torch.randn(m, d, generator=gen)
+        want = acc.double() + pw[:, 2:2 + hi - lo].double() @ v
+        assert rows.pv(lo, hi, pw[:, 2:2 + hi - lo], acc) == d * 4
+        bound = (hi - lo + 1) * 2 * u * (acc.double().abs() + pw[:, 2:2 + hi - lo].double() @ v.abs()) + 1e-30
+        assert ((acc.double() - want).abs() <= bound).all()
+    with pytest.raises(ValueError, match="contiguous rows"):
+        rows.qk(0, 4, qv, torch.empty(4, m).T)  # a transposed view: rows not contiguous
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n", [1, 5, 16, 24, 64])
 def test_unpack_float_equals_unpack_codes(bits, n):
@@ -239,7 +308,7 @@ def test_unpack_float_equals_unpack_codes(bits, n):
         assert nbytes >= got.numel() * 4
 
 
-def test_working_set_is_one_block():
+def test_working_set_is_one_block(path):
     st = ragged_store(track_scores=False)
     seq, role = torch.tensor([int(st.seq.max())]), torch.tensor([ROLE_TARGET])
     query = torch.randn(1, 2, 1, D)
@@ -249,29 +318,40 @@ def test_working_set_is_one_block():
         cache.block = block
         hf._attend_blocks(MODULE, query, st, cache, seq, role, 0.25)
         peaks[block] = cache.transient_peak
+    if path == "c":  # codes read one dequantized row at a time, whatever the block; float32 residual: views
+        assert peaks == {4: D * 4, 10_000: D * 4}
+        return
     one_block = 4 * D * 2 * 4  # 4 tokens of K and V in fp32
     assert 0 < peaks[4] <= one_block
     whole_head = max(st.n_live) * D * 2 * 4
     assert peaks[10_000] > one_block and peaks[10_000] <= whole_head
 
 
-def test_session_blocks_of_five_equal_one_block(tiny, docs):
+def test_session_blocks_of_five_equal_one_block(tiny, docs, monkeypatch):
     """A quantized method through the model, ppl stepwise at a tight budget: blocks of 5 tokens give
-    the same scores as one block, and report a 5-token working set."""
+    the same scores as one block, and report a 5-token working set (torch path); the C kernel, which
+    reads the codes without blocks, gives the same scores with one dequantized row as working set."""
     model, tok, d = tiny
     doc, p = docs[96][0], Prompter(tok, d, "syn_src", "syn_tgt")
     m = method_from_config("stream_quant", {"group_size": 16, "residual": 4, "key_bits_normal": 2,
                                            "evict": "h2o"})
     rows, peaks = {}, {}
-    for block in (5, 100_000):
-        sess = Session(model, m, 24, 8)
-        sess.cache.block = block
-        rows[block] = tasks.run_task("ppl", sess, p, doc, {"wait_k": 3})
-        peaks[block] = sess.cache.transient_peak
-    a, b = rows[5]["nll_sum"], rows[100_000]["nll_sum"]
-    assert abs(a - b) <= 1e-5 * abs(b)
+    with_c = ckernel.lib() is not None
+    for path in ("c", "torch") if with_c else ("torch",):
+        with monkeypatch.context() as mp:
+            if path == "torch":
+                mp.setattr(ckernel, "lib", lambda: None)
+            for block in (5, 100_000):
+                sess = Session(model, m, 24, 8)
+                sess.cache.block = block
+                rows[path, block] = tasks.run_task("ppl", sess, p, doc, {"wait_k": 3})["nll_sum"]
+                peaks[path, block] = sess.cache.transient_peak
+    b = rows["torch", 100_000]
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a in rows.values()), rows
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    assert 0 < peaks[5] <= 5 * head_dim * 2 * 4 < peaks[100_000]
+    assert 0 < peaks["torch", 5] <= 5 * head_dim * 2 * 4 < peaks["torch", 100_000]
+    if with_c:
+        assert peaks["c", 5] == peaks["c", 100_000] == head_dim * 4
     full = Session(model, method_from_config("full", {}), None, 8)
     tasks.run_task("ppl", full, p, doc, {"wait_k": 3})
     assert full.cache.transient_peak == 0  # fp32 dense cache: attention reads the store's own tensors

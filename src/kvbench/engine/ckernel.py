@@ -36,7 +36,7 @@ FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-st
 SCALE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _log = logging.getLogger(__name__)
 _state: dict = {}  # "lib": CDLL or None, "status": str
-_ROWS = _CHAN = None  # the two kernels, once built (called per block: no attribute lookups)
+_ROWS = _CHAN = _QK_ROWS = _PV_ROWS = _QK_CHAN = None  # the kernels, once built (no attribute lookups per call)
 
 
 def _kernel_dir() -> Path:
@@ -80,20 +80,26 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.kvb_deq_rows.argtypes = [P, I64, I64, I64, I, I64, P, P, I64, I, P]
     lib.kvb_deq_chan.argtypes = [P, I64, I64, I64, I64, I, P, I64, P, P, I64, I, P]
-    lib.kvb_deq_rows.restype = lib.kvb_deq_chan.restype = lib.kvb_init.restype = None
+    lib.kvb_qk_rows.argtypes = [P, I64, P, I64, I64, I64, I, I64, P, P, I64, I, P, I64]
+    lib.kvb_pv_rows.argtypes = [P, I64, I64, P, I64, I64, I64, I, I64, P, P, I64, I, P]
+    lib.kvb_qk_chan.argtypes = [P, I64, P, I64, I64, I64, I64, I, P, I64, P, P, I64, I, P, I64]
+    for f in (lib.kvb_deq_rows, lib.kvb_deq_chan, lib.kvb_init, lib.kvb_qk_rows, lib.kvb_pv_rows, lib.kvb_qk_chan):
+        f.restype = None
     lib.kvb_init()  # the 2-bit lookup table
     return lib, f"C ({out})"
 
 
 def lib() -> ctypes.CDLL | None:
     """The compiled kernels, built once per process (None: use the torch path; status() says why)."""
-    global _ROWS, _CHAN
+    global _ROWS, _CHAN, _QK_ROWS, _PV_ROWS, _QK_CHAN
     if "lib" not in _state:
         _state["lib"], _state["status"] = _build()
         if _state["lib"] is None:
             _log.warning("kvbench quantized store: %s", _state["status"])
         else:
-            _ROWS, _CHAN = _state["lib"].kvb_deq_rows, _state["lib"].kvb_deq_chan
+            k = _state["lib"]
+            _ROWS, _CHAN, _QK_ROWS, _PV_ROWS, _QK_CHAN = (k.kvb_deq_rows, k.kvb_deq_chan, k.kvb_qk_rows,
+                                                           k.kvb_pv_rows, k.kvb_qk_chan)
     return _state["lib"]
 
 
@@ -135,6 +141,54 @@ def deq_chan(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, size: torch.Tens
         _CHAN(q.data_ptr(), q.stride(0), lo, hi - lo, d, bits, size.data_ptr(), size.shape[0], s.data_ptr(),
               z.data_ptr(), s.stride(0), SCALE_DTYPES[s.dtype], out.data_ptr())
     return out
+
+
+def _rows_view(x: torch.Tensor, m: int, w: int) -> int:
+    """Row stride of a float32 (m, w) CPU matrix whose rows are contiguous (a column slice of a wider
+    one may be): what the kernels read or write through a raw pointer, so checked first."""
+    if x.dtype != torch.float32 or not x.is_cpu or x.shape != (m, w) or (w > 1 and x.stride(1) != 1):
+        raise ValueError(f"the attention kernels need a float32 CPU ({m}, {w}) matrix with contiguous rows, "
+                         f"got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
+    return x.stride(0)
+
+
+def _dense(x: torch.Tensor, m: int, d: int) -> None:
+    """A query block or an accumulator: float32 (m, d), contiguous."""
+    if _rows_view(x, m, d) != d and m > 1:
+        raise ValueError(f"the attention kernels need a contiguous ({m}, {d}) matrix, got strides {x.stride()}")
+
+
+def qk_rows(qv: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: int, hi: int, d: int,
+            bits: int, g: int, x: torch.Tensor) -> None:
+    """x (m, hi - lo) = qv (m, d) float32 contiguous @ deq(rows lo:hi).T, from the per-token codes;
+    x may be a column slice of a wider matrix (its rows contiguous)."""
+    if hi > lo:
+        ldx, ss, qs = _rows_view(x, qv.shape[0], hi - lo), s.stride(0), q.stride(0)
+        _dense(qv, x.shape[0], d)
+        es = lo * ss * s.element_size()
+        _QK_ROWS(qv.data_ptr(), qv.shape[0], q.data_ptr() + lo * qs, qs, hi - lo, d, bits, g, s.data_ptr() + es,
+                 z.data_ptr() + es, ss, SCALE_DTYPES[s.dtype], x.data_ptr(), ldx)
+
+
+def pv_rows(p: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: int, hi: int, d: int,
+            bits: int, g: int, acc: torch.Tensor) -> None:
+    """acc (m, d) float32 contiguous += p (m, hi - lo; rows contiguous) @ deq(rows lo:hi)."""
+    if hi > lo:
+        ldp, ss, qs = _rows_view(p, acc.shape[0], hi - lo), s.stride(0), q.stride(0)
+        _dense(acc, p.shape[0], d)
+        es = lo * ss * s.element_size()
+        _PV_ROWS(p.data_ptr(), ldp, p.shape[0], q.data_ptr() + lo * qs, qs, hi - lo, d, bits, g, s.data_ptr() + es,
+                 z.data_ptr() + es, ss, SCALE_DTYPES[s.dtype], acc.data_ptr())
+
+
+def qk_chan(qv: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, size: torch.Tensor, lo: int,
+            hi: int, d: int, bits: int, x: torch.Tensor) -> None:
+    """x (m, hi - lo) = qv (m, d) @ deq(rows lo:hi).T, from channel-quantized key codes (deq_chan's layout)."""
+    if hi > lo:
+        _dense(qv, qv.shape[0], d)
+        _QK_CHAN(qv.data_ptr(), qv.shape[0], q.data_ptr(), q.stride(0), lo, hi - lo, d, bits, size.data_ptr(),
+                 size.shape[0], s.data_ptr(), z.data_ptr(), s.stride(0), SCALE_DTYPES[s.dtype], x.data_ptr(),
+                 _rows_view(x, qv.shape[0], hi - lo))
 
 
 if __name__ == "__main__":

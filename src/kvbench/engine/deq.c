@@ -16,23 +16,24 @@
 #endif
 
 static inline float h2f(uint16_t h) { /* IEEE binary16 -> binary32, exact (subnormals included) */
-    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, f;
-    if (e == 0) {
-        if (m == 0) {
-            f = s;
-        } else {
-            int32_t x = 1;
-            while (!(m & 0x400u)) { m <<= 1; x--; }
-            f = s | ((uint32_t)(x + 112) << 23) | ((m & 0x3ffu) << 13);
-        }
-    } else if (e == 31) {
-        f = s | 0x7f800000u | (m << 13);
+    uint32_t o = (uint32_t)(h & 0x7fffu) << 13; /* exponent and mantissa, moved into place */
+    const uint32_t e = o & 0x0f800000u;
+    o += (uint32_t)(127 - 15) << 23;             /* rebias the exponent */
+    float f;
+    if (e == 0x0f800000u) {                      /* inf / nan: the exponent goes all ones */
+        o += (uint32_t)(128 - 16) << 23;
+        memcpy(&f, &o, 4);
+    } else if (e == 0) {                         /* zero / subnormal: m * 2^-24, exact in binary32 */
+        o += 1u << 23;
+        memcpy(&f, &o, 4);
+        const uint32_t magic = 113u << 23;
+        float m;
+        memcpy(&m, &magic, 4);
+        f -= m;
     } else {
-        f = s | ((e + 112) << 23) | (m << 13);
+        memcpy(&f, &o, 4);
     }
-    float o;
-    memcpy(&o, &f, 4);
-    return o;
+    return (h & 0x8000u) ? -f : f;
 }
 
 static inline float bf2f(uint16_t h) { uint32_t f = (uint32_t)h << 16; float o; memcpy(&o, &f, 4); return o; }
@@ -71,20 +72,23 @@ static inline void unpack_row(const uint8_t *restrict q, int64_t d, int bits, fl
     }
 }
 
-static inline void rows_d(const uint8_t *q, int64_t qs, int64_t t, int64_t d, int bits, int64_t g,
-                          const void *s, const void *z, int64_t ss, int sdt, float *out) {
-    for (int64_t r = 0; r < t; r++) {
-        float *restrict o = out + r * d;
-        unpack_row(q + r * qs, d, bits, o);
-        for (int64_t j = 0; j < d / g; j++) {
-            const float a = ld(s, r * ss + j, sdt), b = ld(z, r * ss + j, sdt);
-            float *restrict x = o + j * g;
-            for (int64_t k = 0; k < g; k++) {
-                float y = x[k] * a;
-                x[k] = y + b;
-            }
+/* row r's codes rescaled in place: o[j * g + k] = code * s[si + j] + z[si + j], each rounded */
+static inline void deq_row(const uint8_t *restrict q, int64_t d, int bits, int64_t g, const void *s, const void *z,
+                           int64_t si, int sdt, float *restrict o) {
+    unpack_row(q, d, bits, o);
+    for (int64_t j = 0; j < d / g; j++) {
+        const float a = ld(s, si + j, sdt), b = ld(z, si + j, sdt);
+        float *restrict x = o + j * g;
+        for (int64_t k = 0; k < g; k++) {
+            float y = x[k] * a;
+            x[k] = y + b;
         }
     }
+}
+
+static inline void rows_d(const uint8_t *q, int64_t qs, int64_t t, int64_t d, int bits, int64_t g,
+                          const void *s, const void *z, int64_t ss, int sdt, float *out) {
+    for (int64_t r = 0; r < t; r++) deq_row(q + r * qs, d, bits, g, s, z, r * ss, sdt, out + r * d);
 }
 
 /* Rows quantized per token, g channels per group: out (t, d) = code * s[r, j] + z[r, j]. (Common
@@ -132,4 +136,109 @@ KVB_CLONES void kvb_deq_chan(const uint8_t *q, int64_t qs, int64_t lo, int64_t t
     if (d == 64) chan_d(q, qs, lo, t, 64, bits, size, n_groups, s, z, ss, sdt, out);
     else if (d == 128) chan_d(q, qs, lo, t, 128, bits, size, n_groups, s, z, ss, sdt, out);
     else chan_d(q, qs, lo, t, d, bits, size, n_groups, s, z, ss, sdt, out);
+}
+
+/* ---- attention straight from the codes (no float32 block) ------------------------------------
+ * Each key or value row is dequantized into a stack buffer of d floats (the floats above), then
+ * used by every query row: logits x[i, r] = q_i . k_r, or acc_i += p[i, r] * v_r. A dot product sums
+ * its d products in 8 interleaved partial sums folded by a fixed tree (the same order at every call,
+ * vectorizable without reassociation); sums differ from a BLAS matmul's order by float rounding. */
+static inline float dot8(const float *restrict a, const float *restrict b, int64_t d) {
+    float s[8];
+    for (int k = 0; k < 8; k++) s[k] = 0.0f;
+    const int64_t full = d - (int64_t)((uint64_t)d & 7u);
+    for (int64_t i = 0; i < full; i += 8)
+        for (int k = 0; k < 8; k++) {
+            float y = a[i + k] * b[i + k];
+            s[k] = s[k] + y;
+        }
+    for (int64_t k = 0; k < d - full; k++) {
+        float y = a[full + k] * b[full + k];
+        s[k] = s[k] + y;
+    }
+    const float t0 = s[0] + s[4], t1 = s[1] + s[5], t2 = s[2] + s[6], t3 = s[3] + s[7];
+    return (t0 + t2) + (t1 + t3);
+}
+
+static inline void qk_rows_d(const float *qv, int64_t nq, const uint8_t *q, int64_t qs, int64_t t, int64_t d,
+                             int bits, int64_t g, const void *s, const void *z, int64_t ss, int sdt, float *x,
+                             int64_t ldx) {
+    float buf[d];
+    for (int64_t r = 0; r < t; r++) {
+        deq_row(q + r * qs, d, bits, g, s, z, r * ss, sdt, buf);
+        for (int64_t i = 0; i < nq; i++) x[i * ldx + r] = dot8(qv + i * d, buf, d);
+    }
+}
+
+/* Logits of nq query rows qv (nq, d) against t per-token rows: x[i * ldx + r] = qv_i . deq(row r). */
+KVB_CLONES void kvb_qk_rows(const float *qv, int64_t nq, const uint8_t *q, int64_t qs, int64_t t, int64_t d,
+                            int bits, int64_t g, const void *s, const void *z, int64_t ss, int sdt, float *x,
+                            int64_t ldx) {
+    if (d == 64 && g == 64) qk_rows_d(qv, nq, q, qs, t, 64, bits, 64, s, z, ss, sdt, x, ldx);
+    else if (d == 64 && g == 32) qk_rows_d(qv, nq, q, qs, t, 64, bits, 32, s, z, ss, sdt, x, ldx);
+    else if (d == 128 && g == 128) qk_rows_d(qv, nq, q, qs, t, 128, bits, 128, s, z, ss, sdt, x, ldx);
+    else if (d == 128 && g == 32) qk_rows_d(qv, nq, q, qs, t, 128, bits, 32, s, z, ss, sdt, x, ldx);
+    else qk_rows_d(qv, nq, q, qs, t, d, bits, g, s, z, ss, sdt, x, ldx);
+}
+
+static inline void pv_rows_d(const float *p, int64_t ldp, int64_t nq, const uint8_t *q, int64_t qs, int64_t t,
+                             int64_t d, int bits, int64_t g, const void *s, const void *z, int64_t ss, int sdt,
+                             float *acc) {
+    float buf[d];
+    for (int64_t r = 0; r < t; r++) {
+        deq_row(q + r * qs, d, bits, g, s, z, r * ss, sdt, buf);
+        for (int64_t i = 0; i < nq; i++) {
+            const float w = p[i * ldp + r];
+            float *restrict a = acc + i * d;
+            for (int64_t c = 0; c < d; c++) {
+                float y = w * buf[c];
+                a[c] = a[c] + y;
+            }
+        }
+    }
+}
+
+/* Weighted values: acc (nq, d) += p (nq, t; rows ldp apart) @ deq(rows), row after row. */
+KVB_CLONES void kvb_pv_rows(const float *p, int64_t ldp, int64_t nq, const uint8_t *q, int64_t qs, int64_t t,
+                            int64_t d, int bits, int64_t g, const void *s, const void *z, int64_t ss, int sdt,
+                            float *acc) {
+    if (d == 64 && g == 64) pv_rows_d(p, ldp, nq, q, qs, t, 64, bits, 64, s, z, ss, sdt, acc);
+    else if (d == 64 && g == 32) pv_rows_d(p, ldp, nq, q, qs, t, 64, bits, 32, s, z, ss, sdt, acc);
+    else if (d == 128 && g == 128) pv_rows_d(p, ldp, nq, q, qs, t, 128, bits, 128, s, z, ss, sdt, acc);
+    else if (d == 128 && g == 32) pv_rows_d(p, ldp, nq, q, qs, t, 128, bits, 32, s, z, ss, sdt, acc);
+    else pv_rows_d(p, ldp, nq, q, qs, t, d, bits, g, s, z, ss, sdt, acc);
+}
+
+static inline void qk_chan_d(const float *qv, int64_t nq, const uint8_t *q, int64_t qs, int64_t lo, int64_t t,
+                             int64_t d, int bits, const int64_t *size, int64_t n_groups, const void *s,
+                             const void *z, int64_t ss, int sdt, float *x, int64_t ldx) {
+    float sc[d], zc[d], buf[d];
+    int64_t g = 0, end = n_groups ? size[0] : 0;
+    while (g + 1 < n_groups && end <= lo) end += size[++g];
+    int64_t rem = end - lo;
+    for (int64_t r = 0; r < t; r++) {
+        if (r == 0 || rem == 0) {
+            if (r > 0) rem = size[++g];
+            for (int64_t c = 0; c < d; c++) {
+                sc[c] = ld(s, g * ss + c, sdt);
+                zc[c] = ld(z, g * ss + c, sdt);
+            }
+        }
+        unpack_row(q + (lo + r) * qs, d, bits, buf);
+        for (int64_t c = 0; c < d; c++) {
+            float y = buf[c] * sc[c];
+            buf[c] = y + zc[c];
+        }
+        for (int64_t i = 0; i < nq; i++) x[i * ldx + r] = dot8(qv + i * d, buf, d);
+        rem--;
+    }
+}
+
+/* Logits against rows lo .. lo + t of channel-quantized keys (the layout of kvb_deq_chan). */
+KVB_CLONES void kvb_qk_chan(const float *qv, int64_t nq, const uint8_t *q, int64_t qs, int64_t lo, int64_t t,
+                            int64_t d, int bits, const int64_t *size, int64_t n_groups, const void *s,
+                            const void *z, int64_t ss, int sdt, float *x, int64_t ldx) {
+    if (d == 64) qk_chan_d(qv, nq, q, qs, lo, t, 64, bits, size, n_groups, s, z, ss, sdt, x, ldx);
+    else if (d == 128) qk_chan_d(qv, nq, q, qs, lo, t, 128, bits, size, n_groups, s, z, ss, sdt, x, ldx);
+    else qk_chan_d(qv, nq, q, qs, lo, t, d, bits, size, n_groups, s, z, ss, sdt, x, ldx);
 }

@@ -21,6 +21,8 @@ Only RoPE types whose frequencies do not depend on the positions fed can be re-i
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import transformers
 from transformers import AttentionInterface
@@ -222,9 +224,11 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling, step: int = 
     a block of one head's K or V in float32 at a time) -> (1, n, Hq, D), per KV head, in float32.
     When a head's logits (g * n x C floats) are no larger than a block of K and V, or attention
     probabilities are wanted (H2O's scores, profiling), two passes: every piece's keys into the
-    head's logits, one softmax, then every piece's values weighted by its columns. Otherwise (long
-    chunks of queries) an online softmax over the pieces (running max, denominator and weighted sum
-    per query row, rescaled whenever a piece raises the max)."""
+    head's logits, one softmax, then every piece's values weighted by its columns; on the CPU with
+    the C kernel the pieces are whole tiers read straight from their codes (`store.fused_pieces`:
+    no float32 block at all, one dequantized row at a time). Otherwise (long chunks of queries) an
+    online softmax over the pieces (running max, denominator and weighted sum per query row,
+    rescaled whenever a piece raises the max)."""
     if cache.positioner is not None:
         raise ValueError("re-indexed positions need dense storage")
     hq, n, d = query.shape[1:]
@@ -238,22 +242,24 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling, step: int = 
     out = torch.empty(hkv, g * n, d, dtype=torch.float32, device=query.device)
     whole = want_p or g * n * mask.shape[-1] <= 2 * cache.block * d
     for h in range(hkv):
-        pieces, qh = store.pieces(h, cache.block), q[h]
+        qh = q[h]
         hidden = ~mask[h, :, :store.n_live[h]]  # (n, L): live slots are a prefix
         if whole:
+            ops = store.fused_pieces(h, cache.block)  # whole tiers read from the codes (C kernel), else blocks
+            if ops is None:
+                ops = [(s0, w, partial(_qk_block, keys), partial(_pv_block, values))
+                       for s0, w, keys, values in store.pieces(h, cache.block)]
             x = q.new_empty(g * n, hidden.shape[1])  # (g * n, L) logits
-            for s0, w, keys, _ in pieces:
-                torch.mm(qh, _read(keys, cache).T, out=x[:, s0:s0 + w])
+            for s0, w, qk, _ in ops:
+                _note(cache, qk(qh, x[:, s0:s0 + w]))
             p = torch.softmax(_masked(x, softcap, hidden, g), dim=-1)
-            acc = None
-            for s0, w, _, values in pieces:
-                v = _read(values, cache)
-                acc = p[:, s0:s0 + w] @ v if acc is None else acc.addmm_(p[:, s0:s0 + w], v)
-            out[h] = acc
+            acc = out[h].zero_()
+            for s0, w, _, pv in ops:
+                _note(cache, pv(p[:, s0:s0 + w], acc))
             if want_p:
                 probs[h, :, :p.shape[1]] = p
         else:
-            out[h] = _online_softmax(qh, pieces, cache, softcap, hidden, g)
+            out[h] = _online_softmax(qh, store.pieces(h, cache.block), cache, softcap, hidden, g)
     if want_p:
         p = probs.reshape(hkv, g, n, -1)
         store.observe(p.sum(dim=1))
@@ -269,8 +275,26 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling, step: int = 
 def _read(part, cache) -> torch.Tensor:
     """A piece's keys or values (float32, from `QuantKVStore.pieces`), its allocation counted."""
     x, nbytes = part()
-    cache.transient_peak = max(cache.transient_peak, nbytes)
+    _note(cache, nbytes)
     return x
+
+
+def _note(cache, nbytes: int) -> None:
+    cache.transient_peak = max(cache.transient_peak, nbytes)
+
+
+def _qk_block(keys, qv, x) -> int:
+    """A block piece as a `fused_pieces` qk: its keys dequantized to float32, then x = qv @ K.T."""
+    k, nbytes = keys()
+    torch.mm(qv, k.T, out=x)
+    return nbytes
+
+
+def _pv_block(values, p, acc) -> int:
+    """A block piece as a `fused_pieces` pv: its values dequantized to float32, then acc += p @ V."""
+    v, nbytes = values()
+    acc.addmm_(p, v)
+    return nbytes
 
 
 def _masked(x, softcap, hidden, g):

@@ -64,6 +64,20 @@ def _f32(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return y, 0 if y is x else _nb(y)
 
 
+def _mm_qk(k: torch.Tensor, qv: torch.Tensor, x: torch.Tensor) -> int:
+    """x = qv @ k.T for float rows k (residual), read in float32; the bytes of that copy (0: a view)."""
+    k, nbytes = _f32(k)
+    torch.mm(qv, k.T, out=x)
+    return nbytes
+
+
+def _mm_pv(v: torch.Tensor, p: torch.Tensor, acc: torch.Tensor) -> int:
+    """acc += p @ v for float rows v (residual), read in float32; the bytes of that copy."""
+    v, nbytes = _f32(v)
+    acc.addmm_(p, v)
+    return nbytes
+
+
 class SinkOutlierFlags:
     """Called by QuantKVStore.append with keys (H, n, D) and seq (n,): returns (H, n) bool, True for
     tokens to keep at high precision: the first `n_sink` of the stream, and (`detect`) outliers, a
@@ -167,6 +181,26 @@ class Rows:
         x.mul_(self.s[lo:hi, :, None].float()).add_(self.z[lo:hi, :, None].float())
         return c, work
 
+    def qk(self, lo: int, hi: int, qv: torch.Tensor, x: torch.Tensor) -> int:
+        """x (m, hi - lo) = qv (m, D) @ rows lo:hi, transposed; returns the bytes the call allocated.
+        Codes: the C kernel, from the codes (one dequantized row of D floats at a time). 16 bits: a
+        matmul on the float32 rows (a copy for a half-precision store)."""
+        if self.bits < 16:
+            ckernel.qk_rows(qv, self.q, self.s, self.z, lo, hi, self.d, self.bits, self.g, x)
+            return self.d * 4
+        k, nbytes = self.deq32(lo, hi)
+        torch.mm(qv, k.T, out=x)
+        return nbytes
+
+    def pv(self, lo: int, hi: int, p: torch.Tensor, acc: torch.Tensor) -> int:
+        """acc (m, D) += p (m, hi - lo) @ rows lo:hi; the bytes allocated (as qk)."""
+        if self.bits < 16:
+            ckernel.pv_rows(p, self.q, self.s, self.z, lo, hi, self.d, self.bits, self.g, acc)
+            return self.d * 4
+        v, nbytes = self.deq32(lo, hi)
+        acc.addmm_(p, v)
+        return nbytes
+
     def nbytes(self) -> int:
         return _nb(self.q, self.s, self.z)
 
@@ -247,6 +281,12 @@ class ChannelKeys:
     def fused(self) -> bool:
         """Whether deq32 runs the C kernel (ckernel), which needs no runs and reads any cut."""
         return ckernel.lib() is not None and ckernel.usable(self.q, self.s, self.z, self.size)
+
+    def qk(self, lo: int, hi: int, qv: torch.Tensor, x: torch.Tensor) -> int:
+        """x (m, hi - lo) = qv (m, D) @ rows lo:hi, transposed, by the C kernel from the codes (`fused`
+        only); returns the bytes allocated: one dequantized row."""
+        ckernel.qk_chan(qv, self.q, self.s, self.z, self.size, lo, hi, self.d, self.bits, x)
+        return self.d * 4
 
     def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Drop rows where keep (n,) is False. Returns the surviving rows' old indices in their new
@@ -478,6 +518,27 @@ class QuantKVStore(Store):
         for lo in range(b, n, block):
             r = slice(lo - b, min(lo + block, n) - b)
             out.append((lo, r.stop - r.start, partial(_f32, hd.rk[r]), partial(_f32, hd.rv[r])))
+        return out
+
+    def fused_pieces(self, h: int, block: int) -> list[tuple[int, int, partial, partial]] | None:
+        """Head h's slots as pieces (start slot, n, qk, pv) for attention: qk(qv, x) writes the logits
+        x (m, n) = qv (m, D) @ K.T, pv(p, acc) adds p (m, n) @ V to acc (m, D), each returning the bytes
+        it allocated. Quantized tiers are read whole, straight from their codes by the C kernel
+        (ckernel; one dequantized row of D floats at a time, no float32 block); float tiers (16 bits,
+        the residual) in pieces of at most `block` rows, a matmul each (on float32 views, or copies
+        of a half-precision store). None when the kernel cannot read this head (no compiler, not on
+        the CPU): use pieces()."""
+        hd = self.heads[h]
+        if not (ckernel.lib() is not None and all(t.fused() for t in (hd.hk, hd.hv, hd.bk, hd.bv) if t.bits < 16)):
+            return None
+        a, b, n = hd.n_hi, hd.n_hi + hd.n_body, self.n_live[h]
+        out = []
+        for s0, kt, vt, m in ((0, hd.hk, hd.hv, a), (a, hd.bk, hd.bv, b - a)):
+            cut = [(0, m)] if kt.bits < 16 and vt.bits < 16 else [(lo, min(lo + block, m)) for lo in range(0, m, block)]
+            out += [(s0 + lo, hi - lo, partial(kt.qk, lo, hi), partial(vt.pv, lo, hi)) for lo, hi in cut if hi > lo]
+        for lo in range(b, n, block):
+            r = slice(lo - b, min(lo + block, n) - b)
+            out.append((lo, r.stop - r.start, partial(_mm_qk, hd.rk[r]), partial(_mm_pv, hd.rv[r])))
         return out
 
     # ---- eviction ------------------------------------------------------------------------
