@@ -52,6 +52,7 @@ from .store import Store
 
 MAX_PARTIAL = 2
 META = ("seq", "pos", "role", "valid", "flag", "score")
+FEW = 8  # evicted rows per head and step up to which compact() cuts tiers around them (host lists)
 
 
 def _nb(*ts) -> int:
@@ -62,6 +63,19 @@ def _f32(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """x in float32 and the bytes that took (0: x already is)."""
     y = x.float()
     return y, 0 if y is x else _nb(y)
+
+
+def _cut(t: torch.Tensor, drop: list[int]) -> torch.Tensor:
+    """t without rows `drop` (ascending host ints, a few): the runs between them, concatenated into
+    one new tensor (the old one is freed; a slice would keep its storage alive)."""
+    parts, lo = [], 0
+    for r in drop:
+        if r > lo:
+            parts.append(t[lo:r])
+        lo = r + 1
+    if lo < t.shape[0]:
+        parts.append(t[lo:])
+    return torch.cat(parts) if parts else t[:0].clone()
 
 
 def _mm_qk(k: torch.Tensor, qv: torch.Tensor, x: torch.Tensor) -> int:
@@ -141,6 +155,13 @@ class Rows:
         if self.bits < 16:
             self.s, self.z = self.s.index_select(0, idx), self.z.index_select(0, idx)
 
+    def drop(self, rows: list[int]) -> bool:
+        """Drop rows `rows` (ascending host ints, a few); survivors keep their order (True)."""
+        self.q = _cut(self.q, rows)
+        if self.bits < 16:
+            self.s, self.z = _cut(self.s, rows), _cut(self.z, rows)
+        return True
+
     def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Drop rows where keep (n,) is False; the survivors' old indices, in order (True)."""
         idx = keep.nonzero().squeeze(1)
@@ -216,6 +237,7 @@ class ChannelKeys:
         self.z = self.s.clone()
         self.size = torch.empty(0, dtype=torch.long, device=device)
         self._spans = (None, 0, [])
+        self._host = (None, [])  # (the `size` tensor, its values as a host list) for drop()
 
     def add(self, x: torch.Tensor) -> None:
         """x (n, D): whole groups of G, or one partial group (n < G)."""
@@ -287,6 +309,30 @@ class ChannelKeys:
         only); returns the bytes allocated: one dequantized row."""
         ckernel.qk_chan(qv, self.q, self.s, self.z, self.size, lo, hi, self.d, self.bits, x)
         return self.d * 4
+
+    def drop(self, rows: list[int]) -> bool:
+        """Drop rows `rows` (ascending host ints, a few) when that leaves at most MAX_PARTIAL partial
+        groups: the rows are cut out, group sizes counted on the host, a group's scale and zero freed
+        with its last row; survivors keep their order. False (nothing done): a merge is due, use keep()."""
+        if self._host[0] is not self.size:
+            self._host = (self.size, self.size.tolist())
+        sizes = self._host[1]
+        left, g, end = list(sizes), 0, sizes[0]  # group g holds rows end - sizes[g] .. end - 1
+        for r in rows:
+            while end <= r:
+                g += 1
+                end += sizes[g]
+            left[g] -= 1
+        if sum(1 for x in left if 0 < x < self.g) > MAX_PARTIAL:
+            return False
+        self.q = _cut(self.q, rows)
+        dead = [i for i, x in enumerate(left) if x == 0]
+        if dead:
+            self.s, self.z = _cut(self.s, dead), _cut(self.z, dead)
+            left = [x for x in left if x]
+        self.size = torch.tensor(left, dtype=torch.long, device=self.size.device)
+        self._host = (self.size, left)
+        return True
 
     def keep(self, keep: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Drop rows where keep (n,) is False. Returns the surviving rows' old indices in their new
@@ -554,11 +600,11 @@ class QuantKVStore(Store):
         lost = [[] for _ in self.heads]
         for h, slot in gone:
             lost[h].append(slot)
-        idxs = []
+        idxs = []  # per head: its survivors' old slots in their new order; None: the kept slots, in order
         for h, hd in enumerate(self.heads):
             n = self.n_live[h]  # live slots are a prefix of each head's row
-            if not lost[h]:
-                idxs.append(torch.arange(n, device=keep.device))
+            if not lost[h] or (len(lost[h]) <= FEW and self._drop(hd, lost[h])):
+                idxs.append(None)
                 continue
             a, b, kh = hd.n_hi, hd.n_hi + hd.n_body, keep[h, :n]
             in_order = True
@@ -574,10 +620,40 @@ class QuantKVStore(Store):
                 res = kh[b:].nonzero().squeeze(1)
                 hd.rk, hd.rv = hd.rk.index_select(0, res), hd.rv.index_select(0, res)
             if in_order:  # survivors keep their order: the tiers' new slots are the kept ones
-                idxs.append(kh.nonzero().squeeze(1))
+                idxs.append(None)
             else:
                 idxs.append(torch.cat([kh[:a].nonzero().squeeze(1), a + body, b + kh[b:].nonzero().squeeze(1)]))
-        self._regather(idxs)
+        counts = {len(x) for x in lost}
+        if len(counts) == 1 and all(i is None for i in idxs):  # every head lost k slots, order kept:
+            k = counts.pop()  # each row drops its lost slots (live kept first, then its padding)
+            rows = keep | ~self.valid
+            for name in META:
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, t[rows].view(self.h, -1))
+            self.n_live = [x - k for x in self.n_live]
+            return
+        self._regather([keep[h, :n].nonzero().squeeze(1) if i is None else i
+                        for h, (i, n) in enumerate(zip(idxs, self.n_live))])
+
+    def _drop(self, hd: _Head, slots: list[int]) -> bool:
+        """Cut a few evicted slots (ascending) out of head hd's tiers, survivors in order; False
+        (nothing done) when its channel keys would need a merge (ChannelKeys.drop)."""
+        a, b = hd.n_hi, hd.n_hi + hd.n_body
+        body = [x - a for x in slots if a <= x < b]
+        if body and not hd.bk.drop(body):
+            return False
+        if body:
+            hd.bv.drop(body)
+            hd.n_body -= len(body)
+        hi = [x for x in slots if x < a]
+        if hi:
+            hd.hk.drop(hi), hd.hv.drop(hi)
+            hd.n_hi -= len(hi)
+        res = [x - b for x in slots if x >= b]
+        if res:
+            hd.rk, hd.rv = _cut(hd.rk, res), _cut(hd.rv, res)
+        return True
 
     # ---- accounting ----------------------------------------------------------------------
     def nbytes(self) -> int:
