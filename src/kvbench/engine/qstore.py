@@ -625,12 +625,18 @@ class QuantKVStore(Store):
                 idxs.append(torch.cat([kh[:a].nonzero().squeeze(1), a + body, b + kh[b:].nonzero().squeeze(1)]))
         counts = {len(x) for x in lost}
         if len(counts) == 1 and all(i is None for i in idxs):  # every head lost k slots, order kept:
-            k = counts.pop()  # each row drops its lost slots (live kept first, then its padding)
-            rows = keep | ~self.valid
+            k = counts.pop()  # row h keeps every slot but lost[h] (its padding last, as before)
+            dev, c = keep.device, self.seq.shape[1] - k
+            ar = torch.arange(c, device=dev)
+            # new slot j is old slot j + the number of lost slots l_i with l_i - i <= j (lost ascending)
+            adj = torch.tensor(lost, device=dev) - torch.arange(k, device=dev)
+            idx = ar + (ar >= adj[:, :1])
+            for i in range(1, k):
+                idx += ar >= adj[:, i:i + 1]
             for name in META:
                 t = getattr(self, name)
                 if t is not None:
-                    setattr(self, name, t[rows].view(self.h, -1))
+                    setattr(self, name, t.gather(1, idx))
             self.n_live = [x - k for x in self.n_live]
             return
         self._regather([keep[h, :n].nonzero().squeeze(1) if i is None else i
