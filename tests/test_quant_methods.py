@@ -177,6 +177,12 @@ def store_state(st):
     return out
 
 
+def entries(st, h, mask):
+    """{seq: (pos, role, flag, score)} of head h's slots where mask (C,) is True."""
+    cols = [getattr(st, f)[h][mask].tolist() for f in ("seq", "pos", "role", "flag", "score")]
+    return {c[0]: tuple(c[1:]) for c in zip(*cols)}
+
+
 @pytest.mark.parametrize("kb", [2, 16])
 def test_few_evictions_cut_around_slots_like_the_general_path(kb, monkeypatch):
     """compact() of a few slots per head (cut around them on the host: Rows.drop, ChannelKeys.drop,
@@ -208,7 +214,13 @@ def test_few_evictions_cut_around_slots_like_the_general_path(kb, monkeypatch):
                 start = a.heads[h].n_hi + sum(sizes[:small[0]])
                 keep[h] = a.valid[h]
                 keep[h, start:start + sizes[small[0]]] = False
+        before = {h: entries(a, h, keep[h]) for h in range(2)}
         a.compact(keep)
+        for h in range(2):  # each head holds its kept entries, then zeroed padding
+            n = a.n_live[h]
+            assert entries(a, h, a.valid[h]) == before[h] and bool(a.valid[h, :n].all()), (r, h)
+            assert all(not getattr(a, f)[h, n:].any() for f in ("seq", "pos", "role", "valid", "flag", "score"))
+        assert a.seq.shape[1] == max(a.n_live)
         with monkeypatch.context() as m:
             m.setattr(qs, "FEW", 0)
             b.compact(keep)
