@@ -236,6 +236,9 @@ def test_few_evictions_cut_around_slots_like_the_general_path(kb, monkeypatch):
         assert a.nbytes() == theory(a)
         for st in (a, b):
             feed(st, [1 + r % 4], seed=r + 1)
+            tiers = [t for hd in st.heads for t in (hd.rk, hd.rv, *[getattr(x, n) for x in (hd.hk, hd.hv, hd.bk, hd.bv)
+                                                                   for n in ("q", "s", "z", "size") if hasattr(x, n)])]
+            assert all(t.is_contiguous() for t in tiers)  # what the C kernels read through raw pointers
     assert fast.count(True) > 20 and (kb == 16 or False in fast)  # both ways were taken
     assert kb == 16 or any(died), "no key group lost its last token on the fast path"
 

@@ -56,7 +56,10 @@ FEW = 8  # evicted rows per head and step up to which compact() cuts tiers aroun
 
 
 def _nb(*ts) -> int:
-    return sum(t.numel() * t.element_size() for t in ts)
+    n = 0
+    for t in ts:  # (a loop: summed at every append and compact)
+        n += t.nbytes
+    return n
 
 
 def _f32(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -104,7 +107,7 @@ class SinkOutlierFlags:
         self.ema: torch.Tensor | None = None
 
     def __call__(self, k: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
-        norm = k.float().norm(dim=-1)  # (H, n)
+        norm = torch.linalg.vector_norm(k.float(), dim=-1)  # (H, n); Tensor.norm: same kernel, slower
         sink = (seq < self.n_sink)[None].expand_as(norm)
         if not self.detect:
             return sink.clone()
@@ -441,6 +444,9 @@ class QuantKVStore(Store):
             t = getattr(self, name)
             if t is None:
                 continue
+            if slots is None and lo == c:  # every head at the full width: the new columns, appended
+                setattr(self, name, torch.cat([t, new[name].to(t.dtype)], 1))
+                continue
             if top > c:  # padding columns: zeros (not valid), as _regather leaves them
                 t = torch.cat([t, t.new_zeros(self.h, top - c)], 1)
                 setattr(self, name, t)
@@ -574,9 +580,9 @@ class QuantKVStore(Store):
         the residual) in pieces of at most `block` rows, a matmul each (on float32 views, or copies
         of a half-precision store). None when the kernel cannot read this head (no compiler, not on
         the CPU): use pieces()."""
+        if ckernel.lib() is None or not self.seq.is_cpu:  # (tiers are contiguous by construction: cat,
+            return None  # index_select and _cut make new tensors; tests assert it)
         hd = self.heads[h]
-        if not (ckernel.lib() is not None and all(t.fused() for t in (hd.hk, hd.hv, hd.bk, hd.bv) if t.bits < 16)):
-            return None
         a, b, n = hd.n_hi, hd.n_hi + hd.n_body, self.n_live[h]
         out = []
         for s0, kt, vt, m in ((0, hd.hk, hd.hv, a), (a, hd.bk, hd.bv, b - a)):
