@@ -409,3 +409,27 @@ def test_cached_byte_counts_follow_every_change():
             st.compact(torch.rand(st.valid.shape, generator=g) > 0.25)
             assert (st.nbytes(), st.meta_bytes()) == fresh()
     assert len(seen) > 3  # the counts did change along the way
+
+
+@pytest.mark.parametrize("method,mtype,reader", [("q", "stream_quant", "c"), ("q", "stream_quant", "torch"),
+                                                 ("full", "full", None)])
+def test_rows_say_which_reader_read_the_codes(tiny_model_dir, tmp_path, monkeypatch, method, mtype, reader):
+    """attention_kernel: "c" where the C kernel read a quantized store, "torch" where torch ops did,
+    null for dense storage (scores of both readers agree: test_session_blocks_of_five_equal_one_block)."""
+    import pyarrow.parquet as pq
+
+    from kvbench.data import make_data
+    from kvbench.evaluate import run_eval
+
+    if reader == "c" and ckernel.lib() is None:
+        pytest.skip(ckernel.status())
+    if reader == "torch":
+        monkeypatch.setattr(ckernel, "lib", lambda: None)
+    data = str(tmp_path / "L96.jsonl")
+    make_data({"source": "synthetic"}, 96, 1, 0, data)
+    out = str(tmp_path / "r.parquet")
+    run_eval(model_dir=tiny_model_dir, task="ppl", data=data, method=method, method_type=mtype, params={},
+             budget="full" if mtype == "full" else "48", length=96, out=out, device="cpu")
+    row = pq.read_table(out).to_pylist()[0]
+    assert row["attention_kernel"] == reader and row["schema_version"] == 6
+

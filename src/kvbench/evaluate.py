@@ -190,7 +190,7 @@ def run_eval(*, model_dir: str, task: str, data: str, method: str, method_type: 
         wall = time.perf_counter() - t0
         row = dict(base, sample_id=int(doc["id"]), **fields, **session.memory.row(),
                    budget_bytes=session.budget_bytes(b), layout=session.layout(), compute=session.compute(),
-                   transient_bytes_peak=session.cache.transient_peak,
+                   transient_bytes_peak=session.cache.transient_peak, attention_kernel=session.cache.quant_reader,
                    tokens_processed=session.tokens, max_position=session.max_position,
                    model_max_positions=model_max, wall_seconds=wall, tokens_per_second=session.tokens / wall,
                    device_peak_bytes=int(torch.cuda.max_memory_allocated()) if dev == "cuda" else None)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 5
-KNOWN_VERSIONS = (1, 2, 3, 4, 5)
+SCHEMA_VERSION = 6
+KNOWN_VERSIONS = (1, 2, 3, 4, 5, 6)
 # columns a version added: a file of an older known version reads with them null
 ADDED_IN = {2: ("max_position", "model_max_positions"), 3: ("transient_bytes_peak",),
             4: ("depth", "depth_actual", "needle_position", "prediction", "expected", "score", "query_first",
                 "subtask"),
-            5: ("metric", "context_tokens", "context_tokens_total")}
+            5: ("metric", "context_tokens", "context_tokens_total"), 6: ("attention_kernel",)}
 
 # name -> arrow type. Nullable everywhere: a column that does not apply to a task is null
 # (e.g. BLEU inputs for `ppl`, NLL for `translate_stream`).
@@ -78,6 +78,9 @@ COLUMNS: dict[str, pa.DataType] = {
     # largest full-precision K/V working copy one attention call made, not held between calls: a
     # dequantized block (quantized storage), the rotated keys (re-indexed positions), up-cast copies
     "transient_bytes_peak": pa.int64(),
+    # what read quantized storage in attention: "c" (engine/deq.c: codes read in C; sums in its own
+    # order, equal to the torch path's to float32 rounding) or "torch" (torch ops); null: dense storage
+    "attention_kernel": pa.string(),
     "budget_bytes": pa.int64(),  # budget x layers x kv_heads x head_dim x 2 x bytes/elem (null for full)
     "layout": pa.string(),  # dense | grouped_per_head | packed_quant (rows before 2026-12-01: padded_per_head)
     "compute": pa.string(),  # exact | dequantized  (how attention consumes the cache)

@@ -1,11 +1,15 @@
-"""Fused CPU dequantization of the quantized store's blocks (engine/deq.c, loaded with ctypes).
+"""CPU kernels of the quantized store (engine/deq.c, loaded with ctypes).
 
 The torch path of `qstore.Rows.deq32` / `qstore.ChannelKeys.deq32` unpacks a block's codes and
 rescales them in 6-10 tensor ops plus one small op per run of key groups: on CPU a decode step of
 a quantized store spent more time dispatching those ops than computing. deq.c does the same per
 row in one pass, writing only the float32 block: the same floats (code * scale, rounded, then +
 zero, rounded; built with -ffp-contract=off), asserted bit for bit against the torch path in
-tests/test_quant_blocks.py.
+tests/test_quant_blocks.py. Its attention kernels (qk_rows, qk_chan, pv_rows) go further and write
+no block at all: each row is dequantized into a buffer of D floats (those same floats) and used at
+once for the logits of every query row or for the weighted sum of values; their dot products sum
+in a fixed order of their own (8 interleaved partial sums), so they equal the torch path's matmuls
+to float32 rounding, not bit for bit (result rows say which ran: `attention_kernel`).
 
 Built on first use with the machine's C compiler (`$CC`, else `cc`) into `$KVBENCH_KERNEL_DIR`
 (default `~/.cache/kvbench/kernels`), under a name that hashes the source, the flags, the

@@ -23,7 +23,9 @@ place one piece at a time (the arithmetic of QTensor.dequantize, never rounded t
 engine.hf attends them), so the full-precision working set is one piece of K or V, reported as
 `transient_bytes_peak`; no full-precision copy of the body is kept. On the CPU a piece is unpacked
 and rescaled in one pass by a compiled kernel (engine/ckernel.py, deq.c: the same floats); without
-a C compiler, by torch ops. keys_values() still rebuilds
+a C compiler, by torch ops. When a head's logits fit in memory, fused_pieces(h, block) lets the
+kernel compute logits and weighted values straight from each tier's codes (one row of D floats at
+a time; float tiers stay matmuls). keys_values() still rebuilds
 the whole (H, C, D) in the cache dtype (tests, traces). nbytes() is what the tiers allocate: codes +
 scales + zeros + residual, per head, so heads of different lengths or bits add no padding; the padded (H, C)
 metadata is counted in meta_bytes().
