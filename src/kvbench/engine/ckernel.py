@@ -5,11 +5,12 @@ rescales them in 6-10 tensor ops plus one small op per run of key groups: on CPU
 a quantized store spent more time dispatching those ops than computing. deq.c does the same per
 row in one pass, writing only the float32 block: the same floats (code * scale, rounded, then +
 zero, rounded; built with -ffp-contract=off), asserted bit for bit against the torch path in
-tests/test_quant_blocks.py. Its attention kernels (qk_rows, qk_chan, pv_rows) go further and write
-no block at all: each row is dequantized into a buffer of D floats (those same floats) and used at
-once for the logits of every query row or for the weighted sum of values; their dot products sum
-in a fixed order of their own (8 interleaved partial sums), so they equal the torch path's matmuls
-to float32 rounding, not bit for bit (result rows say which ran: `attention_kernel`).
+tests/test_quant_blocks.py. Its attention kernels (qk_tiers, pv_tiers: every tier of a head in
+one call) go further and write no block at all: each row is dequantized into a buffer of D floats
+(those same floats) and used at once for the logits of every query row or for the weighted sum of
+values; their dot products sum in a fixed order of their own (8 interleaved partial sums), so they
+equal the torch path's matmuls to float32 rounding, not bit for bit (result rows say which ran:
+`attention_kernel`).
 
 Built on first use with the machine's C compiler (`$CC`, else `cc`) into `$KVBENCH_KERNEL_DIR`
 (default `~/.cache/kvbench/kernels`), under a name that hashes the source, the flags, the
@@ -40,7 +41,7 @@ FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-st
 SCALE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _log = logging.getLogger(__name__)
 _state: dict = {}  # "lib": CDLL or None, "status": str
-_ROWS = _CHAN = _QK_ROWS = _PV_ROWS = _QK_CHAN = None  # the kernels, once built (no attribute lookups per call)
+_ROWS = _CHAN = _QK_TIERS = _PV_TIERS = None  # the kernels, once built (no attribute lookups per call)
 
 
 def _kernel_dir() -> Path:
@@ -84,10 +85,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.kvb_deq_rows.argtypes = [P, I64, I64, I64, I, I64, P, P, I64, I, P]
     lib.kvb_deq_chan.argtypes = [P, I64, I64, I64, I64, I, P, I64, P, P, I64, I, P]
-    lib.kvb_qk_rows.argtypes = [P, I64, P, I64, I64, I64, I, I64, P, P, I64, I, P, I64]
-    lib.kvb_pv_rows.argtypes = [P, I64, I64, P, I64, I64, I64, I, I64, P, P, I64, I, P]
-    lib.kvb_qk_chan.argtypes = [P, I64, P, I64, I64, I64, I64, I, P, I64, P, P, I64, I, P, I64]
-    for f in (lib.kvb_deq_rows, lib.kvb_deq_chan, lib.kvb_init, lib.kvb_qk_rows, lib.kvb_pv_rows, lib.kvb_qk_chan):
+    lib.kvb_qk_tiers.argtypes = [P, I64, I64, P, I64, P, I64]
+    lib.kvb_pv_tiers.argtypes = [P, I64, I64, I64, P, I64, P]
+    for f in (lib.kvb_deq_rows, lib.kvb_deq_chan, lib.kvb_init, lib.kvb_qk_tiers, lib.kvb_pv_tiers):
         f.restype = None
     lib.kvb_init()  # the 2-bit lookup table
     return lib, f"C ({out})"
@@ -95,15 +95,14 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
 
 def lib() -> ctypes.CDLL | None:
     """The compiled kernels, built once per process (None: use the torch path; status() says why)."""
-    global _ROWS, _CHAN, _QK_ROWS, _PV_ROWS, _QK_CHAN
+    global _ROWS, _CHAN, _QK_TIERS, _PV_TIERS
     if "lib" not in _state:
         _state["lib"], _state["status"] = _build()
         if _state["lib"] is None:
             _log.warning("kvbench quantized store: %s", _state["status"])
         else:
             k = _state["lib"]
-            _ROWS, _CHAN, _QK_ROWS, _PV_ROWS, _QK_CHAN = (k.kvb_deq_rows, k.kvb_deq_chan, k.kvb_qk_rows,
-                                                           k.kvb_pv_rows, k.kvb_qk_chan)
+            _ROWS, _CHAN, _QK_TIERS, _PV_TIERS = k.kvb_deq_rows, k.kvb_deq_chan, k.kvb_qk_tiers, k.kvb_pv_tiers
     return _state["lib"]
 
 
@@ -162,37 +161,37 @@ def _dense(x: torch.Tensor, m: int, d: int) -> None:
         raise ValueError(f"the attention kernels need a contiguous ({m}, {d}) matrix, got strides {x.stride()}")
 
 
-def qk_rows(qv: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: int, hi: int, d: int,
-            bits: int, g: int, x: torch.Tensor) -> None:
-    """x (m, hi - lo) = qv (m, d) float32 contiguous @ deq(rows lo:hi).T, from the per-token codes;
-    x may be a column slice of a wider matrix (its rows contiguous)."""
-    if hi > lo:
-        ldx, ss, qs = _rows_view(x, qv.shape[0], hi - lo), s.stride(0), q.stride(0)
-        _dense(qv, x.shape[0], d)
-        es = lo * ss * s.element_size()
-        _QK_ROWS(qv.data_ptr(), qv.shape[0], q.data_ptr() + lo * qs, qs, hi - lo, d, bits, g, s.data_ptr() + es,
-                 z.data_ptr() + es, ss, SCALE_DTYPES[s.dtype], x.data_ptr(), ldx)
+DESC = 16  # int64 per tier description (deq.c, kvb_qk_tiers)
+FLOAT_ROWS, TOKEN_CODES, CHANNEL_CODES = 0, 1, 2
 
 
-def pv_rows(p: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: int, hi: int, d: int,
-            bits: int, g: int, acc: torch.Tensor) -> None:
-    """acc (m, d) float32 contiguous += p (m, hi - lo; rows contiguous) @ deq(rows lo:hi)."""
-    if hi > lo:
-        ldp, ss, qs = _rows_view(p, acc.shape[0], hi - lo), s.stride(0), q.stride(0)
-        _dense(acc, p.shape[0], d)
-        es = lo * ss * s.element_size()
-        _PV_ROWS(p.data_ptr(), ldp, p.shape[0], q.data_ptr() + lo * qs, qs, hi - lo, d, bits, g, s.data_ptr() + es,
-                 z.data_ptr() + es, ss, SCALE_DTYPES[s.dtype], acc.data_ptr())
+class Tiers:
+    """A head's tiers described for kvb_qk_tiers / kvb_pv_tiers: `desc` (ctypes int64 array, keys
+    then values per tier), `n` tiers, and the tensors it points into (kept alive with it). Built by
+    the store, which guarantees what the pointers need: CPU, contiguous rows, float32 float rows."""
+
+    __slots__ = ("desc", "n", "keep")
+
+    def __init__(self, values: list[int], keep: list[torch.Tensor]):
+        self.desc = (ctypes.c_int64 * len(values))(*values)
+        self.n = len(values) // (2 * DESC)
+        self.keep = keep
 
 
-def qk_chan(qv: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, size: torch.Tensor, lo: int,
-            hi: int, d: int, bits: int, x: torch.Tensor) -> None:
-    """x (m, hi - lo) = qv (m, d) @ deq(rows lo:hi).T, from channel-quantized key codes (deq_chan's layout)."""
-    if hi > lo:
-        _dense(qv, qv.shape[0], d)
-        _QK_CHAN(qv.data_ptr(), qv.shape[0], q.data_ptr(), q.stride(0), lo, hi - lo, d, bits, size.data_ptr(),
-                 size.shape[0], s.data_ptr(), z.data_ptr(), s.stride(0), SCALE_DTYPES[s.dtype], x.data_ptr(),
-                 _rows_view(x, qv.shape[0], hi - lo))
+def qk_tiers(qv: torch.Tensor, tiers: Tiers, x: torch.Tensor, width: int) -> None:
+    """x (m, >= width; rows contiguous) columns 0..width-1 = qv (m, D) @ the head's keys.T, every tier."""
+    d = qv.shape[1]
+    _dense(qv, qv.shape[0], d)
+    _rows_view(x[:, :width], qv.shape[0], width)
+    _QK_TIERS(qv.data_ptr(), qv.shape[0], d, tiers.desc, tiers.n, x.data_ptr(), x.stride(0))
+
+
+def pv_tiers(p: torch.Tensor, tiers: Tiers, acc: torch.Tensor, width: int) -> None:
+    """acc (m, D) += p (m, >= width; rows contiguous)[:, :width] @ the head's values, every tier."""
+    m, d = acc.shape
+    _dense(acc, m, d)
+    _rows_view(p[:, :width], m, width)
+    _PV_TIERS(p.data_ptr(), p.stride(0), m, d, tiers.desc, tiers.n, acc.data_ptr())
 
 
 if __name__ == "__main__":

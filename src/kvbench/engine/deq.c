@@ -1,4 +1,5 @@
-/* Fused dequantization of packed KV rows to float32 for kvbench's quantized store (engine/qstore.py),
+/* Dequantization of packed KV rows to float32, and attention straight from them, for kvbench's
+ * quantized store (engine/qstore.py),
  * loaded through ctypes by engine/ckernel.py, which compiles it on first use.
  *
  * One pass per row: unpack the codes (layouts of kvbench.quant.pack_codes), then code * scale and
@@ -170,17 +171,6 @@ static inline void qk_rows_d(const float *qv, int64_t nq, const uint8_t *q, int6
     }
 }
 
-/* Logits of nq query rows qv (nq, d) against t per-token rows: x[i * ldx + r] = qv_i . deq(row r). */
-KVB_CLONES void kvb_qk_rows(const float *qv, int64_t nq, const uint8_t *q, int64_t qs, int64_t t, int64_t d,
-                            int bits, int64_t g, const void *s, const void *z, int64_t ss, int sdt, float *x,
-                            int64_t ldx) {
-    if (d == 64 && g == 64) qk_rows_d(qv, nq, q, qs, t, 64, bits, 64, s, z, ss, sdt, x, ldx);
-    else if (d == 64 && g == 32) qk_rows_d(qv, nq, q, qs, t, 64, bits, 32, s, z, ss, sdt, x, ldx);
-    else if (d == 128 && g == 128) qk_rows_d(qv, nq, q, qs, t, 128, bits, 128, s, z, ss, sdt, x, ldx);
-    else if (d == 128 && g == 32) qk_rows_d(qv, nq, q, qs, t, 128, bits, 32, s, z, ss, sdt, x, ldx);
-    else qk_rows_d(qv, nq, q, qs, t, d, bits, g, s, z, ss, sdt, x, ldx);
-}
-
 static inline void pv_rows_d(const float *p, int64_t ldp, int64_t nq, const uint8_t *q, int64_t qs, int64_t t,
                              int64_t d, int bits, int64_t g, const void *s, const void *z, int64_t ss, int sdt,
                              float *acc) {
@@ -196,17 +186,6 @@ static inline void pv_rows_d(const float *p, int64_t ldp, int64_t nq, const uint
             }
         }
     }
-}
-
-/* Weighted values: acc (nq, d) += p (nq, t; rows ldp apart) @ deq(rows), row after row. */
-KVB_CLONES void kvb_pv_rows(const float *p, int64_t ldp, int64_t nq, const uint8_t *q, int64_t qs, int64_t t,
-                            int64_t d, int bits, int64_t g, const void *s, const void *z, int64_t ss, int sdt,
-                            float *acc) {
-    if (d == 64 && g == 64) pv_rows_d(p, ldp, nq, q, qs, t, 64, bits, 64, s, z, ss, sdt, acc);
-    else if (d == 64 && g == 32) pv_rows_d(p, ldp, nq, q, qs, t, 64, bits, 32, s, z, ss, sdt, acc);
-    else if (d == 128 && g == 128) pv_rows_d(p, ldp, nq, q, qs, t, 128, bits, 128, s, z, ss, sdt, acc);
-    else if (d == 128 && g == 32) pv_rows_d(p, ldp, nq, q, qs, t, 128, bits, 32, s, z, ss, sdt, acc);
-    else pv_rows_d(p, ldp, nq, q, qs, t, d, bits, g, s, z, ss, sdt, acc);
 }
 
 static inline void qk_chan_d(const float *qv, int64_t nq, const uint8_t *q, int64_t qs, int64_t lo, int64_t t,
@@ -234,11 +213,81 @@ static inline void qk_chan_d(const float *qv, int64_t nq, const uint8_t *q, int6
     }
 }
 
-/* Logits against rows lo .. lo + t of channel-quantized keys (the layout of kvb_deq_chan). */
-KVB_CLONES void kvb_qk_chan(const float *qv, int64_t nq, const uint8_t *q, int64_t qs, int64_t lo, int64_t t,
-                            int64_t d, int bits, const int64_t *size, int64_t n_groups, const void *s,
-                            const void *z, int64_t ss, int sdt, float *x, int64_t ldx) {
-    if (d == 64) qk_chan_d(qv, nq, q, qs, lo, t, 64, bits, size, n_groups, s, z, ss, sdt, x, ldx);
-    else if (d == 128) qk_chan_d(qv, nq, q, qs, lo, t, 128, bits, size, n_groups, s, z, ss, sdt, x, ldx);
-    else qk_chan_d(qv, nq, q, qs, lo, t, d, bits, size, n_groups, s, z, ss, sdt, x, ldx);
+/* ---- a head's tiers in one call ---------------------------------------------------------------
+ * A head's slots are a few consecutive tiers (hi, body, residual), each read one way. `desc` holds,
+ * per tier, its keys' then its values' description: 16 int64 each,
+ *   kind (0: float32 rows, 1: per-token codes, 2: channel-grouped key codes), bits, start slot, rows,
+ *   data pointer, row stride (floats for kind 0, bytes of codes otherwise), scale pointer, zero
+ *   pointer, scale row stride (elements), scale dtype, channels per group (kind 1), group sizes
+ *   pointer and count (kind 2), first row (kind 2; kinds 0/1 point at it), 0, 0.
+ * kvb_qk_tiers writes the logits x[i * ldx + slot] of the nq query rows; kvb_pv_tiers adds
+ * p[i * ldp + slot] times each value row to acc (nq, d), with the per-row helpers above. */
+#define KVB_DESC 16
+
+static inline const void *ptr(int64_t v) { return (const void *)(intptr_t)v; }
+
+static inline void qk_tiers_d(const float *qv, int64_t nq, int64_t d, const int64_t *desc, int64_t nt, float *x,
+                              int64_t ldx) {
+    for (int64_t t = 0; t < nt; t++) {
+        const int64_t *k = desc + 2 * KVB_DESC * t;
+        const int64_t kind = k[0], bits = k[1], start = k[2], n = k[3], qs = k[5], ss = k[8], g = k[10];
+        const int sdt = (int)k[9];
+        float *xo = x + start;
+        if (kind == 0) {
+            const float *rows = (const float *)ptr(k[4]);
+            for (int64_t r = 0; r < n; r++)
+                for (int64_t i = 0; i < nq; i++) xo[i * ldx + r] = dot8(qv + i * d, rows + r * qs, d);
+        } else if (kind == 1) {
+            if (g == d) qk_rows_d(qv, nq, (const uint8_t *)ptr(k[4]), qs, n, d, (int)bits, d, ptr(k[6]), ptr(k[7]), ss, sdt, xo, ldx);
+            else if (g == 32) qk_rows_d(qv, nq, (const uint8_t *)ptr(k[4]), qs, n, d, (int)bits, 32, ptr(k[6]), ptr(k[7]), ss, sdt, xo, ldx);
+            else qk_rows_d(qv, nq, (const uint8_t *)ptr(k[4]), qs, n, d, (int)bits, g, ptr(k[6]), ptr(k[7]), ss, sdt, xo, ldx);
+        } else {
+            qk_chan_d(qv, nq, (const uint8_t *)ptr(k[4]), qs, k[13], n, d, (int)bits, (const int64_t *)ptr(k[11]), k[12],
+                      ptr(k[6]), ptr(k[7]), ss, sdt, xo, ldx);
+        }
+    }
+}
+
+KVB_CLONES void kvb_qk_tiers(const float *qv, int64_t nq, int64_t d, const int64_t *desc, int64_t nt, float *x,
+                             int64_t ldx) {
+    if (d == 64) qk_tiers_d(qv, nq, 64, desc, nt, x, ldx);
+    else if (d == 128) qk_tiers_d(qv, nq, 128, desc, nt, x, ldx);
+    else qk_tiers_d(qv, nq, d, desc, nt, x, ldx);
+}
+
+static inline void pv_tiers_d(const float *p, int64_t ldp, int64_t nq, int64_t d, const int64_t *desc, int64_t nt,
+                              float *acc) {
+    for (int64_t t = 0; t < nt; t++) {
+        const int64_t *v = desc + 2 * KVB_DESC * t + KVB_DESC;
+        const int64_t kind = v[0], bits = v[1], start = v[2], n = v[3], qs = v[5], ss = v[8], g = v[10];
+        const int sdt = (int)v[9];
+        const float *po = p + start;
+        if (kind == 0) {
+            const float *rows = (const float *)ptr(v[4]);
+            for (int64_t r = 0; r < n; r++) {
+                const float *restrict row = rows + r * qs;
+                for (int64_t i = 0; i < nq; i++) {
+                    const float w = po[i * ldp + r];
+                    float *restrict a = acc + i * d;
+                    for (int64_t c = 0; c < d; c++) {
+                        float y = w * row[c];
+                        a[c] = a[c] + y;
+                    }
+                }
+            }
+        } else if (g == d) {
+            pv_rows_d(po, ldp, nq, (const uint8_t *)ptr(v[4]), qs, n, d, (int)bits, d, ptr(v[6]), ptr(v[7]), ss, sdt, acc);
+        } else if (g == 32) {
+            pv_rows_d(po, ldp, nq, (const uint8_t *)ptr(v[4]), qs, n, d, (int)bits, 32, ptr(v[6]), ptr(v[7]), ss, sdt, acc);
+        } else {
+            pv_rows_d(po, ldp, nq, (const uint8_t *)ptr(v[4]), qs, n, d, (int)bits, g, ptr(v[6]), ptr(v[7]), ss, sdt, acc);
+        }
+    }
+}
+
+KVB_CLONES void kvb_pv_tiers(const float *p, int64_t ldp, int64_t nq, int64_t d, const int64_t *desc, int64_t nt,
+                             float *acc) {
+    if (d == 64) pv_tiers_d(p, ldp, nq, 64, desc, nt, acc);
+    else if (d == 128) pv_tiers_d(p, ldp, nq, 128, desc, nt, acc);
+    else pv_tiers_d(p, ldp, nq, d, desc, nt, acc);
 }

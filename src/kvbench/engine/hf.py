@@ -21,8 +21,6 @@ Only RoPE types whose frequencies do not depend on the positions fed can be re-i
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import transformers
 from transformers import AttentionInterface
@@ -227,8 +225,9 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling, step: int = 
     When a head's logits (g * n x C floats) are no larger than a block of K and V, or attention
     probabilities are wanted (H2O's scores, profiling), two passes: every piece's keys into the
     head's logits, one softmax, then every piece's values weighted by its columns; on the CPU with
-    the C kernel the pieces are whole tiers read straight from their codes (`store.fused_pieces`:
-    no float32 block at all, one dequantized row at a time). Otherwise (long chunks of queries) an
+    the C kernel, every tier of the head is read straight from its codes in one call for the logits
+    and one for the values (`store.tiers`: no float32 block at all, one dequantized row at a time).
+    Otherwise (long chunks of queries) an
     online softmax over the pieces (running max, denominator and weighted sum per query row,
     rescaled whenever a piece raises the max)."""
     if cache.positioner is not None:
@@ -248,17 +247,23 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling, step: int = 
         qh = q[h]
         hidden = ~mask[h, :, :store.n_live[h]]  # (n, L): live slots are a prefix
         if whole:
-            ops = store.fused_pieces(h, cache.block)  # whole tiers read from the codes (C kernel), else blocks
-            if ops is None:
-                ops = [(s0, w, partial(_qk_block, keys), partial(_pv_block, values))
-                       for s0, w, keys, values in store.pieces(h, cache.block)]
             x = q.new_empty(g * n, hidden.shape[1])  # (g * n, L) logits
-            for s0, w, qk, _ in ops:
-                _note(cache, qk(qh, x[:, s0:s0 + w]))
+            tiers = store.tiers(h)  # every tier read from its codes in one C call, else block by block
+            if tiers is not None:
+                tiers, nbytes = tiers
+                _note(cache, nbytes)
+                ckernel.qk_tiers(qh, tiers, x, x.shape[1])
+            else:
+                pieces = store.pieces(h, cache.block)
+                for s0, w, keys, _ in pieces:
+                    torch.mm(qh, _read(keys, cache).T, out=x[:, s0:s0 + w])
             p = torch.softmax(_masked(x, softcap, hidden, g), dim=-1)
             acc = out[h].zero_()
-            for s0, w, _, pv in ops:
-                _note(cache, pv(p[:, s0:s0 + w], acc))
+            if tiers is not None:
+                ckernel.pv_tiers(p, tiers, acc, p.shape[1])
+            else:
+                for s0, w, _, values in pieces:
+                    acc.addmm_(p[:, s0:s0 + w], _read(values, cache))
             if want_p:
                 probs[h, :, :p.shape[1]] = p
         else:
@@ -284,20 +289,6 @@ def _read(part, cache) -> torch.Tensor:
 
 def _note(cache, nbytes: int) -> None:
     cache.transient_peak = max(cache.transient_peak, nbytes)
-
-
-def _qk_block(keys, qv, x) -> int:
-    """A block piece as a `fused_pieces` qk: its keys dequantized to float32, then x = qv @ K.T."""
-    k, nbytes = keys()
-    torch.mm(qv, k.T, out=x)
-    return nbytes
-
-
-def _pv_block(values, p, acc) -> int:
-    """A block piece as a `fused_pieces` pv: its values dequantized to float32, then acc += p @ V."""
-    v, nbytes = values()
-    acc.addmm_(p, v)
-    return nbytes
 
 
 def _masked(x, softcap, hidden, g):

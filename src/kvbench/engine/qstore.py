@@ -23,9 +23,9 @@ place one piece at a time (the arithmetic of QTensor.dequantize, never rounded t
 engine.hf attends them), so the full-precision working set is one piece of K or V, reported as
 `transient_bytes_peak`; no full-precision copy of the body is kept. On the CPU a piece is unpacked
 and rescaled in one pass by a compiled kernel (engine/ckernel.py, deq.c: the same floats); without
-a C compiler, by torch ops. When a head's logits fit in memory, fused_pieces(h, block) lets the
-kernel compute logits and weighted values straight from each tier's codes (one row of D floats at
-a time; float tiers stay matmuls). keys_values() still rebuilds
+a C compiler, by torch ops. When a head's logits fit in memory, tiers(h) lets the kernel compute
+logits and weighted values straight from every tier's codes in one call (one row of D floats at a
+time). keys_values() still rebuilds
 the whole (H, C, D) in the cache dtype (tests, traces). nbytes() is what the tiers allocate: codes +
 scales + zeros + residual, per head, so heads of different lengths or bits add no padding; the padded (H, C)
 metadata is counted in meta_bytes().
@@ -83,18 +83,11 @@ def _cut(t: torch.Tensor, drop: list[int]) -> torch.Tensor:
     return torch.cat(parts) if parts else t[:0].clone()
 
 
-def _mm_qk(k: torch.Tensor, qv: torch.Tensor, x: torch.Tensor) -> int:
-    """x = qv @ k.T for float rows k (residual), read in float32; the bytes of that copy (0: a view)."""
-    k, nbytes = _f32(k)
-    torch.mm(qv, k.T, out=x)
-    return nbytes
-
-
-def _mm_pv(v: torch.Tensor, p: torch.Tensor, acc: torch.Tensor) -> int:
-    """acc += p @ v for float rows v (residual), read in float32; the bytes of that copy."""
-    v, nbytes = _f32(v)
-    acc.addmm_(p, v)
-    return nbytes
+def _float_desc(x: torch.Tensor, start: int) -> tuple[list[int], list[torch.Tensor], int]:
+    """Float rows x (n, D) for kvb_qk_tiers at head slot `start`: read in place in float32, else
+    from a float32 copy (its bytes returned: a transient of attention)."""
+    y, nbytes = _f32(x)
+    return [ckernel.FLOAT_ROWS, 32, start, y.shape[0], y.data_ptr(), y.stride(0)] + [0] * 10, [y], nbytes
 
 
 class SinkOutlierFlags:
@@ -207,25 +200,15 @@ class Rows:
         x.mul_(self.s[lo:hi, :, None].float()).add_(self.z[lo:hi, :, None].float())
         return c, work
 
-    def qk(self, lo: int, hi: int, qv: torch.Tensor, x: torch.Tensor) -> int:
-        """x (m, hi - lo) = qv (m, D) @ rows lo:hi, transposed; returns the bytes the call allocated.
-        Codes: the C kernel, from the codes (one dequantized row of D floats at a time). 16 bits: a
-        matmul on the float32 rows (a copy for a half-precision store)."""
+    def desc(self, start: int) -> tuple[list[int], list[torch.Tensor], int]:
+        """This tier for deq.c's kvb_qk_tiers / kvb_pv_tiers, at head slot `start`: its description,
+        the tensors it points into and the bytes of any float32 copy made for it (16 bits in a
+        half-precision cache; QuantKVStore.tiers decides when a copy is bounded)."""
         if self.bits < 16:
-            ckernel.qk_rows(qv, self.q, self.s, self.z, lo, hi, self.d, self.bits, self.g, x)
-            return self.d * 4
-        k, nbytes = self.deq32(lo, hi)
-        torch.mm(qv, k.T, out=x)
-        return nbytes
-
-    def pv(self, lo: int, hi: int, p: torch.Tensor, acc: torch.Tensor) -> int:
-        """acc (m, D) += p (m, hi - lo) @ rows lo:hi; the bytes allocated (as qk)."""
-        if self.bits < 16:
-            ckernel.pv_rows(p, self.q, self.s, self.z, lo, hi, self.d, self.bits, self.g, acc)
-            return self.d * 4
-        v, nbytes = self.deq32(lo, hi)
-        acc.addmm_(p, v)
-        return nbytes
+            return ([ckernel.TOKEN_CODES, self.bits, start, len(self), self.q.data_ptr(), self.q.stride(0),
+                     self.s.data_ptr(), self.z.data_ptr(), self.s.stride(0), ckernel.SCALE_DTYPES[self.sdt], self.g,
+                     0, 0, 0, 0, 0], [self.q, self.s, self.z], 0)
+        return _float_desc(self.q, start)
 
     def nbytes(self) -> int:
         return _nb(self.q, self.s, self.z)
@@ -309,11 +292,11 @@ class ChannelKeys:
         """Whether deq32 runs the C kernel (ckernel), which needs no runs and reads any cut."""
         return ckernel.lib() is not None and ckernel.usable(self.q, self.s, self.z, self.size)
 
-    def qk(self, lo: int, hi: int, qv: torch.Tensor, x: torch.Tensor) -> int:
-        """x (m, hi - lo) = qv (m, D) @ rows lo:hi, transposed, by the C kernel from the codes (`fused`
-        only); returns the bytes allocated: one dequantized row."""
-        ckernel.qk_chan(qv, self.q, self.s, self.z, self.size, lo, hi, self.d, self.bits, x)
-        return self.d * 4
+    def desc(self, start: int) -> tuple[list[int], list[torch.Tensor], int]:
+        """This tier for deq.c's kvb_qk_tiers at head slot `start` (Rows.desc's contract)."""
+        return ([ckernel.CHANNEL_CODES, self.bits, start, self.q.shape[0], self.q.data_ptr(), self.q.stride(0),
+                 self.s.data_ptr(), self.z.data_ptr(), self.s.stride(0), ckernel.SCALE_DTYPES[self.sdt], 0,
+                 self.size.data_ptr(), self.size.shape[0], 0, 0, 0], [self.q, self.s, self.z, self.size], 0)
 
     def drop(self, rows: list[int]) -> bool:
         """Drop rows `rows` (ascending host ints, a few) when that leaves at most MAX_PARTIAL partial
@@ -574,26 +557,29 @@ class QuantKVStore(Store):
             out.append((lo, r.stop - r.start, partial(_f32, hd.rk[r]), partial(_f32, hd.rv[r])))
         return out
 
-    def fused_pieces(self, h: int, block: int) -> list[tuple[int, int, partial, partial]] | None:
-        """Head h's slots as pieces (start slot, n, qk, pv) for attention: qk(qv, x) writes the logits
-        x (m, n) = qv (m, D) @ K.T, pv(p, acc) adds p (m, n) @ V to acc (m, D), each returning the bytes
-        it allocated. Quantized tiers are read whole, straight from their codes by the C kernel
-        (ckernel; one dequantized row of D floats at a time, no float32 block); float tiers (16 bits,
-        the residual) in pieces of at most `block` rows, a matmul each (on float32 views, or copies
-        of a half-precision store). None when the kernel cannot read this head (no compiler, not on
-        the CPU): use pieces()."""
+    def tiers(self, h: int) -> tuple[ckernel.Tiers, int] | None:
+        """Head h's tiers for the C kernel's one-call attention (ckernel.qk_tiers / pv_tiers): logits
+        and weighted values straight from the codes, one dequantized row of D floats at a time, no
+        float32 block; and the bytes of float32 copies made for it (float tiers of a half-precision
+        cache: the residual window and the hi tier, both bounded). None when the kernel cannot read
+        this head: no compiler, not on the CPU, or 16-bit body keys or values in a half-precision
+        cache (a copy of the whole body: pieces() reads it block by block instead)."""
         if ckernel.lib() is None or not self.seq.is_cpu:  # (tiers are contiguous by construction: cat,
             return None  # index_select and _cut make new tensors; tests assert it)
         hd = self.heads[h]
-        a, b, n = hd.n_hi, hd.n_hi + hd.n_body, self.n_live[h]
-        out = []
-        for s0, kt, vt, m in ((0, hd.hk, hd.hv, a), (a, hd.bk, hd.bv, b - a)):
-            cut = [(0, m)] if kt.bits < 16 and vt.bits < 16 else [(lo, min(lo + block, m)) for lo in range(0, m, block)]
-            out += [(s0 + lo, hi - lo, partial(kt.qk, lo, hi), partial(vt.pv, lo, hi)) for lo, hi in cut if hi > lo]
-        for lo in range(b, n, block):
-            r = slice(lo - b, min(lo + block, n) - b)
-            out.append((lo, r.stop - r.start, partial(_mm_qk, hd.rk[r]), partial(_mm_pv, hd.rv[r])))
-        return out
+        a, b = hd.n_hi, hd.n_hi + hd.n_body
+        if b > a and 16 in (hd.bk.bits, hd.bv.bits) and self.dtype != torch.float32:
+            return None
+        vals, keep, nbytes = [], [], 0
+        for tk, tv, start, m in ((hd.hk, hd.hv, 0, a), (hd.bk, hd.bv, a, b - a), (hd.rk, hd.rv, b, hd.rk.shape[0])):
+            if not m:
+                continue
+            for t in (tk, tv):
+                dv, kp, nb = _float_desc(t, start) if torch.is_tensor(t) else t.desc(start)
+                vals += dv
+                keep += kp
+                nbytes += nb
+        return ckernel.Tiers(vals, keep), nbytes + self.d * 4
 
     # ---- eviction ------------------------------------------------------------------------
     def compact(self, keep: torch.Tensor) -> None:
