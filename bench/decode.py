@@ -241,7 +241,7 @@ def main(argv=None) -> int:
           f"warm-up {a.warmup}, repeats {a.repeats}", flush=True)
     from kvbench.engine import ckernel
 
-    print(f"# quantized blocks dequantized by: {ckernel.status()}", flush=True)
+    print(f"# quantized storage read by: {ckernel.status()}", flush=True)
     g = torch.Generator().manual_seed(a.seed)
     ids = torch.randint(0, model.config.vocab_size, (max(contexts + budgets),), generator=g)
 
