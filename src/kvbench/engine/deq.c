@@ -103,29 +103,43 @@ KVB_CLONES void kvb_deq_rows(const uint8_t *q, int64_t qs, int64_t t, int64_t d,
     else rows_d(q, qs, t, d, bits, g, s, z, ss, sdt, out);
 }
 
+/* Channel keys read in row order from row lo: chan_start finds row lo's group (it ends before row
+ * `end`); chan_next writes the next row's floats into o, loading a group's scales and zeros as the
+ * rows enter it. */
+typedef struct { int64_t g, rem; } chan_pos;
+
+static inline chan_pos chan_start(const int64_t *size, int64_t n_groups, int64_t lo) {
+    int64_t g = 0, end = n_groups ? size[0] : 0;
+    while (g + 1 < n_groups && end <= lo) end += size[++g];
+    chan_pos p = {g, end - lo};
+    return p;
+}
+
+static inline void chan_next(chan_pos *p, int first, const uint8_t *row, int64_t d, int bits, const int64_t *size,
+                             const void *s, const void *z, int64_t ss, int sdt, float *sc, float *zc,
+                             float *restrict o) {
+    if (first || p->rem == 0) {
+        if (!first) p->rem = size[++p->g];
+        for (int64_t c = 0; c < d; c++) {
+            sc[c] = ld(s, p->g * ss + c, sdt);
+            zc[c] = ld(z, p->g * ss + c, sdt);
+        }
+    }
+    unpack_row(row, d, bits, o);
+    for (int64_t c = 0; c < d; c++) {
+        float y = o[c] * sc[c];
+        o[c] = y + zc[c];
+    }
+    p->rem--;
+}
+
 static inline void chan_d(const uint8_t *q, int64_t qs, int64_t lo, int64_t t, int64_t d, int bits,
                           const int64_t *size, int64_t n_groups, const void *s, const void *z, int64_t ss, int sdt,
                           float *out) {
     float sc[d], zc[d];
-    int64_t g = 0, end = n_groups ? size[0] : 0;
-    while (g + 1 < n_groups && end <= lo) end += size[++g]; /* the group of row lo; it ends before row `end` */
-    int64_t rem = end - lo;
-    for (int64_t r = 0; r < t; r++) {
-        if (r == 0 || rem == 0) {
-            if (r > 0) rem = size[++g];
-            for (int64_t c = 0; c < d; c++) {
-                sc[c] = ld(s, g * ss + c, sdt);
-                zc[c] = ld(z, g * ss + c, sdt);
-            }
-        }
-        float *restrict o = out + r * d;
-        unpack_row(q + (lo + r) * qs, d, bits, o);
-        for (int64_t c = 0; c < d; c++) {
-            float y = o[c] * sc[c];
-            o[c] = y + zc[c];
-        }
-        rem--;
-    }
+    chan_pos p = chan_start(size, n_groups, lo);
+    for (int64_t r = 0; r < t; r++)
+        chan_next(&p, r == 0, q + (lo + r) * qs, d, bits, size, s, z, ss, sdt, sc, zc, out + r * d);
 }
 
 /* Keys quantized per channel in groups of consecutive rows, group i holding size[i] rows (n_groups
@@ -171,20 +185,26 @@ static inline void qk_rows_d(const float *qv, int64_t nq, const uint8_t *q, int6
     }
 }
 
+/* acc_i += w[i * ldw] * row for the nq query rows: one value row, weighted */
+static inline void add_weighted(const float *w, int64_t ldw, int64_t nq, const float *restrict row, int64_t d,
+                                float *acc) {
+    for (int64_t i = 0; i < nq; i++) {
+        const float wi = w[i * ldw];
+        float *restrict a = acc + i * d;
+        for (int64_t c = 0; c < d; c++) {
+            float y = wi * row[c];
+            a[c] = a[c] + y;
+        }
+    }
+}
+
 static inline void pv_rows_d(const float *p, int64_t ldp, int64_t nq, const uint8_t *q, int64_t qs, int64_t t,
                              int64_t d, int bits, int64_t g, const void *s, const void *z, int64_t ss, int sdt,
                              float *acc) {
     float buf[d];
     for (int64_t r = 0; r < t; r++) {
         deq_row(q + r * qs, d, bits, g, s, z, r * ss, sdt, buf);
-        for (int64_t i = 0; i < nq; i++) {
-            const float w = p[i * ldp + r];
-            float *restrict a = acc + i * d;
-            for (int64_t c = 0; c < d; c++) {
-                float y = w * buf[c];
-                a[c] = a[c] + y;
-            }
-        }
+        add_weighted(p + r, ldp, nq, buf, d, acc);
     }
 }
 
@@ -192,24 +212,10 @@ static inline void qk_chan_d(const float *qv, int64_t nq, const uint8_t *q, int6
                              int64_t d, int bits, const int64_t *size, int64_t n_groups, const void *s,
                              const void *z, int64_t ss, int sdt, float *x, int64_t ldx) {
     float sc[d], zc[d], buf[d];
-    int64_t g = 0, end = n_groups ? size[0] : 0;
-    while (g + 1 < n_groups && end <= lo) end += size[++g];
-    int64_t rem = end - lo;
+    chan_pos p = chan_start(size, n_groups, lo);
     for (int64_t r = 0; r < t; r++) {
-        if (r == 0 || rem == 0) {
-            if (r > 0) rem = size[++g];
-            for (int64_t c = 0; c < d; c++) {
-                sc[c] = ld(s, g * ss + c, sdt);
-                zc[c] = ld(z, g * ss + c, sdt);
-            }
-        }
-        unpack_row(q + (lo + r) * qs, d, bits, buf);
-        for (int64_t c = 0; c < d; c++) {
-            float y = buf[c] * sc[c];
-            buf[c] = y + zc[c];
-        }
+        chan_next(&p, r == 0, q + (lo + r) * qs, d, bits, size, s, z, ss, sdt, sc, zc, buf);
         for (int64_t i = 0; i < nq; i++) x[i * ldx + r] = dot8(qv + i * d, buf, d);
-        rem--;
     }
 }
 
@@ -264,17 +270,7 @@ static inline void pv_tiers_d(const float *p, int64_t ldp, int64_t nq, int64_t d
         const float *po = p + start;
         if (kind == 0) {
             const float *rows = (const float *)ptr(v[4]);
-            for (int64_t r = 0; r < n; r++) {
-                const float *restrict row = rows + r * qs;
-                for (int64_t i = 0; i < nq; i++) {
-                    const float w = po[i * ldp + r];
-                    float *restrict a = acc + i * d;
-                    for (int64_t c = 0; c < d; c++) {
-                        float y = w * row[c];
-                        a[c] = a[c] + y;
-                    }
-                }
-            }
+            for (int64_t r = 0; r < n; r++) add_weighted(po + r, ldp, nq, rows + r * qs, d, acc);
         } else if (g == d) {
             pv_rows_d(po, ldp, nq, (const uint8_t *)ptr(v[4]), qs, n, d, (int)bits, d, ptr(v[6]), ptr(v[7]), ss, sdt, acc);
         } else if (g == 32) {
