@@ -218,12 +218,16 @@ def test_c_kernel_equals_torch_path(bits, sdt, d, g, monkeypatch):
     x[7] = 0.0  # a constant group's row (scale 1, code 0)
     rows = Rows(d, bits, g, torch.float32, "cpu", sdt)
     rows.add(x[:60]), rows.add(x[60:])
-    keys = ChannelKeys(d, bits, g, "cpu", sdt)
-    keys.add(x[:8 * g]), keys.add(x[8 * g:8 * g + g - 1])  # whole groups, then a partial one
-    keep = torch.ones(len(keys.q), dtype=torch.bool)
-    keep[[1, 2 * g, 2 * g + 1, 5 * g + 3]] = False  # leaves partial groups (at most MAX_PARTIAL + the tail)
-    keys.keep(keep, torch.arange(len(keep)))
-    assert any(0 < n < g for n in keys.size.tolist())
+    merged = ChannelKeys(d, bits, g, "cpu", sdt)
+    merged.add(x[:8 * g]), merged.add(x[8 * g:8 * g + g - 1])  # whole groups, then a partial one
+    keep = torch.ones(len(merged.q), dtype=torch.bool)
+    keep[[1, 2 * g, 2 * g + 1, 5 * g + 3]] = False  # partial groups beyond MAX_PARTIAL: merged, a tail left
+    merged.keep(keep, torch.arange(len(keep)))
+    assert any(0 < n < g for n in merged.size.tolist())
+    inner = ChannelKeys(d, bits, g, "cpu", sdt)
+    inner.add(x[:6 * g])
+    assert inner.drop([1] + ([2 * g, 2 * g + 1] if g > 2 else []))  # partial groups inside, sized unlike their neighbours
+    assert inner.size.tolist()[:3] == [g - 1, g, g - 2 if g > 2 else g]
 
     def both(call):
         fast = call()
@@ -233,18 +237,19 @@ def test_c_kernel_equals_torch_path(bits, sdt, d, g, monkeypatch):
         return fast, slow
 
     for block in (1, 5, g, 2 * g + 1, 1000):
-        for lo, hi, runs in keys.spans(block):
-            (a, na), (b, _) = both(lambda: keys.deq32(lo, hi, runs))
-            assert torch.equal(a, b), (block, lo, (a - b).abs().max())
-            assert na == (hi - lo) * d * 4
+        for keys in (merged, inner):
+            for lo, hi, runs in keys.spans(block):
+                (a, na), (b, _) = both(lambda: keys.deq32(lo, hi, runs))
+                assert torch.equal(a, b), (block, lo, (a - b).abs().max())
+                assert na == (hi - lo) * d * 4
+            whole = keys.deq(torch.float32)  # the kernel cuts anywhere: row lo's group is found, not given
+            for lo in range(0, len(keys.q), block):
+                hi = min(lo + block, len(keys.q))
+                a, _ = keys.deq32(lo, hi, None)
+                assert torch.equal(a, whole[lo:hi]), (block, lo)
         for lo, hi, _ in rows.spans(block):
             (a, _), (b, _) = both(lambda: rows.deq32(lo, hi))
             assert torch.equal(a, b), (block, lo, (a - b).abs().max())
-        whole = keys.deq(torch.float32)  # the kernel cuts anywhere: row lo's group is found, not given
-        for lo in range(0, len(keys.q), block):
-            hi = min(lo + block, len(keys.q))
-            a, _ = keys.deq32(lo, hi, None)
-            assert torch.equal(a, whole[lo:hi]), (block, lo)
 
 
 def test_c_kernel_widens_every_float16_exactly():
@@ -279,6 +284,8 @@ def test_c_attention_from_codes_within_float_rounding(bits, sdt, d, g):
     keep = torch.ones(len(keys.q), dtype=torch.bool)
     keep[[0, 3, g + 1]] = False
     keys.keep(keep, torch.arange(len(keep)))
+    assert keys.drop([g + 2])  # a partial group inside, then whole ones (and the partial tail)
+    assert 0 < keys.size.tolist()[1] < g
     values = Rows(d, bits, min(g, d), torch.float32, "cpu", sdt)
     values.add(x[:len(keys.q)] * 0.5)
     res = torch.randn(5, d, generator=gen)
