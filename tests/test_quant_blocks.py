@@ -293,24 +293,26 @@ def test_c_attention_from_codes_within_float_rounding(bits, sdt, d, g):
     parts = [hi.desc(0), hi.desc(0), keys.desc(n_hi), values.desc(n_hi)]
     parts += [qstore._float_desc(res, n_hi + n_body), qstore._float_desc(res * 2, n_hi + n_body)]
     tiers = ckernel.Tiers([v for p in parts for v in p[0]], [t for p in parts for t in p[1]])
-    assert tiers.n == 3
+    assert tiers.n == 3 and tiers.width == n_hi + n_body + res.shape[0]
     k = torch.cat([hi.deq32(0, n_hi)[0], keys.deq(torch.float32), res]).double()
     v = torch.cat([hi.deq32(0, n_hi)[0], values.deq32(0, n_body)[0], res * 2]).double()
     width, m, u = k.shape[0], 7, 2.0 ** -24
     qv = torch.randn(m, d, generator=gen)
     wide = torch.full((m, width + 3), float("nan"))
-    ckernel.qk_tiers(qv, tiers, wide, width)
+    ckernel.qk_tiers(qv, tiers, wide)
     want = qv.double() @ k.T
     assert ((wide[:, :width].double() - want).abs() <= d * u * (qv.double().abs() @ k.abs().T) + 1e-30).all()
     assert wide[:, width:].isnan().all()  # nothing written past the head's slots
     pw = torch.rand(m, width + 3, generator=gen)
     acc = torch.randn(m, d, generator=gen)
     want = acc.double() + pw[:, :width].double() @ v
-    ckernel.pv_tiers(pw, tiers, acc, width)
+    ckernel.pv_tiers(pw, tiers, acc)
     bound = (width + 1) * 2 * u * (acc.double().abs() + pw[:, :width].double() @ v.abs()) + 1e-30
     assert ((acc.double() - want).abs() <= bound).all()
     with pytest.raises(ValueError, match="contiguous rows"):
-        ckernel.qk_tiers(qv, tiers, torch.empty(width, m).T, width)  # a transposed view: rows not contiguous
+        ckernel.qk_tiers(qv, tiers, torch.empty(width, m).T)  # a transposed view: rows not contiguous
+    with pytest.raises(ValueError, match=f"need {width} columns"):
+        ckernel.pv_tiers(pw[:, :width - 1], tiers, acc)  # narrower than the head's slots
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

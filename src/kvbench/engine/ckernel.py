@@ -167,31 +167,38 @@ FLOAT_ROWS, TOKEN_CODES, CHANNEL_CODES = 0, 1, 2
 
 class Tiers:
     """A head's tiers described for kvb_qk_tiers / kvb_pv_tiers: `desc` (ctypes int64 array, keys
-    then values per tier), `n` tiers, and the tensors it points into (kept alive with it). Built by
-    the store, which guarantees what the pointers need: CPU, contiguous rows, float32 float rows."""
+    then values per tier), `n` tiers, `width` (the slots they cover: 0 .. width - 1), and the tensors
+    it points into (kept alive with it). Built by the store, which guarantees what the pointers need:
+    CPU, contiguous rows, float32 float rows."""
 
-    __slots__ = ("desc", "n", "keep")
+    __slots__ = ("desc", "n", "width", "keep")
 
     def __init__(self, values: list[int], keep: list[torch.Tensor]):
         self.desc = (ctypes.c_int64 * len(values))(*values)
         self.n = len(values) // (2 * DESC)
+        self.width = max((values[i + 2] + values[i + 3] for i in range(0, len(values), DESC)), default=0)
         self.keep = keep
 
 
-def qk_tiers(qv: torch.Tensor, tiers: Tiers, x: torch.Tensor, width: int) -> None:
-    """x (m, >= width; rows contiguous) columns 0..width-1 = qv (m, D) @ the head's keys.T, every tier."""
-    d = qv.shape[1]
-    _dense(qv, qv.shape[0], d)
-    _rows_view(x[:, :width], qv.shape[0], width)
-    _QK_TIERS(qv.data_ptr(), qv.shape[0], d, tiers.desc, tiers.n, x.data_ptr(), x.stride(0))
+def _covers(x: torch.Tensor, m: int, tiers: Tiers) -> int:
+    """Row stride of x (m, >= tiers.width), float32 rows contiguous: every slot the kernel writes or reads."""
+    if x.shape[1] < tiers.width:
+        raise ValueError(f"the attention kernels need {tiers.width} columns, got {tuple(x.shape)}")
+    return _rows_view(x, m, x.shape[1])
 
 
-def pv_tiers(p: torch.Tensor, tiers: Tiers, acc: torch.Tensor, width: int) -> None:
-    """acc (m, D) += p (m, >= width; rows contiguous)[:, :width] @ the head's values, every tier."""
+def qk_tiers(qv: torch.Tensor, tiers: Tiers, x: torch.Tensor) -> None:
+    """x[:, :tiers.width] = qv (m, D) @ the head's keys.T, every tier (x's other columns untouched)."""
+    m, d = qv.shape
+    _dense(qv, m, d)
+    _QK_TIERS(qv.data_ptr(), m, d, tiers.desc, tiers.n, x.data_ptr(), _covers(x, m, tiers))
+
+
+def pv_tiers(p: torch.Tensor, tiers: Tiers, acc: torch.Tensor) -> None:
+    """acc (m, D) += p[:, :tiers.width] @ the head's values, every tier."""
     m, d = acc.shape
     _dense(acc, m, d)
-    _rows_view(p[:, :width], m, width)
-    _PV_TIERS(p.data_ptr(), p.stride(0), m, d, tiers.desc, tiers.n, acc.data_ptr())
+    _PV_TIERS(p.data_ptr(), _covers(p, m, tiers), m, d, tiers.desc, tiers.n, acc.data_ptr())
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling, step: int = 
             if tiers is not None:
                 tiers, nbytes = tiers
                 _note(cache, nbytes)
-                ckernel.qk_tiers(qh, tiers, x, x.shape[1])
+                ckernel.qk_tiers(qh, tiers, x)
             else:
                 pieces = store.pieces(h, cache.block)
                 for s0, w, keys, _ in pieces:
@@ -260,7 +260,7 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling, step: int = 
             p = torch.softmax(_masked(x, softcap, hidden, g), dim=-1)
             acc = out[h].zero_()
             if tiers is not None:
-                ckernel.pv_tiers(p, tiers, acc, p.shape[1])
+                ckernel.pv_tiers(p, tiers, acc)
             else:
                 for s0, w, _, values in pieces:
                     acc.addmm_(p[:, s0:s0 + w], _read(values, cache))

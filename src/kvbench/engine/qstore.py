@@ -570,16 +570,13 @@ class QuantKVStore(Store):
         a, b = hd.n_hi, hd.n_hi + hd.n_body
         if b > a and 16 in (hd.bk.bits, hd.bv.bits) and self.dtype != torch.float32:
             return None
-        vals, keep, nbytes = [], [], 0
-        for tk, tv, start, m in ((hd.hk, hd.hv, 0, a), (hd.bk, hd.bv, a, b - a), (hd.rk, hd.rv, b, hd.rk.shape[0])):
-            if not m:
-                continue
-            for t in (tk, tv):
-                dv, kp, nb = _float_desc(t, start) if torch.is_tensor(t) else t.desc(start)
-                vals += dv
-                keep += kp
-                nbytes += nb
-        return ckernel.Tiers(vals, keep), nbytes + self.d * 4
+        parts = [hd.hk.desc(0), hd.hv.desc(0)] if a else []
+        if b > a:
+            parts += [hd.bk.desc(a), hd.bv.desc(a)]
+        if hd.rk.shape[0]:
+            parts += [_float_desc(hd.rk, b), _float_desc(hd.rv, b)]
+        tiers = ckernel.Tiers([v for dv, _, _ in parts for v in dv], [t for _, kp, _ in parts for t in kp])
+        return tiers, sum(nb for *_, nb in parts) + self.d * 4
 
     # ---- eviction ------------------------------------------------------------------------
     def compact(self, keep: torch.Tensor) -> None:
