@@ -77,15 +77,38 @@ def reference(st, query, seq, role, scaling):
     return out, p.sum(dim=1)
 
 
-@pytest.fixture(params=["c", "torch"])
-def path(request, monkeypatch):
-    """Both ways attention reads the store: "c", the C kernel (whole tiers from their codes, skipped
-    where none is built) and "torch" (float32 blocks by torch ops)."""
-    if request.param == "c" and ckernel.lib() is None:
+def use_copy(which: str):
+    """Run deq.c's "avx2" or "portable" copy (skipped where it cannot run); returns how to restore."""
+    if ckernel.lib() is None:
         pytest.skip(ckernel.status())
+    before = ckernel.simd()
+    if which == "portable":
+        assert not ckernel.simd(False), "the portable copy must run wherever the kernels are built"
+    elif not ckernel.simd(True):
+        pytest.skip("this CPU has no AVX2 + FMA + F16C: the portable copy only")
+    return lambda: ckernel.simd(before)
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def copy(request):
+    """Both copies of the C kernels, AVX2 intrinsics and portable C."""
+    restore = use_copy(request.param)
+    yield request.param
+    restore()
+
+
+@pytest.fixture(params=["c-avx2", "c", "torch"])
+def path(request, monkeypatch):
+    """Every way attention reads the store: the C kernel (whole tiers from their codes, skipped where
+    none is built) in its AVX2 copy ("c-avx2") or its portable one ("c"), and "torch" (float32 blocks
+    by torch ops)."""
     if request.param == "torch":
         monkeypatch.setattr(ckernel, "lib", lambda: None)
-    return request.param
+        yield request.param
+        return
+    restore = use_copy("avx2" if request.param == "c-avx2" else "portable")
+    yield request.param
+    restore()
 
 
 @pytest.mark.parametrize("block", [1, 3, 7, 10_000])
@@ -153,7 +176,7 @@ def test_pieces_equal_float64_attention(bits, dtype, new, block, track, path, mo
     # kernel's: one dequantized row (and a float16 store's 16-bit body is still read in blocks)
     per_row = D * 2 * 4 + (D // 8 * 4 if 3 in BITS[bits][0] + BITS[bits][1] else 0)
     blocks = min(block, max(st.n_live)) * per_row
-    if path == "c" and not calls:  # one row, and float32 copies of a half store's bounded float tiers
+    if path != "torch" and not calls:  # one row, and float32 copies of a half store's bounded float tiers
         c = st.counts()
         copies = 0 if dtype == torch.float32 else max((x["hi"] * (16 in BITS[bits][2]) + x["res"]) * D * 8 for x in c)
         assert 0 < cache.transient_peak <= max(D * 4 + copies, blocks if 16 in BITS[bits][0] + BITS[bits][1] else 0)
@@ -207,12 +230,11 @@ def test_c_kernel_is_built_where_a_compiler_is():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sdt", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d,g", [(16, 4), (12, 6), (6, 3), (64, 32), (64, 64), (128, 32), (128, 128)])  # the last: deq.c's constant-size loops
-def test_c_kernel_equals_torch_path(bits, sdt, d, g, monkeypatch):
+def test_c_kernel_equals_torch_path(bits, sdt, d, g, copy, monkeypatch):
     """deq.c's blocks are the torch path's floats, bit for bit (code * scale, then + zero, each rounded):
     per-token rows (values, hi tier) and channel keys with partial groups left by eviction, pieces
-    cut at group ends and inside a group, head dims whose codes leave a partial byte or chunk."""
-    if ckernel.lib() is None:
-        pytest.skip(ckernel.status())
+    cut at group ends and inside a group, head dims whose codes leave a partial byte or chunk; both
+    copies of the kernels (AVX2 unpacks 8 codes at a time, and leaves the rest to the portable code)."""
     gen = torch.Generator().manual_seed(bits * 1000 + d)
     x = torch.randn(max(90, 10 * g), d, generator=gen) * 4 + torch.randn(1, d, generator=gen)
     x[7] = 0.0  # a constant group's row (scale 1, code 0)
@@ -252,29 +274,32 @@ def test_c_kernel_equals_torch_path(bits, sdt, d, g, monkeypatch):
             assert torch.equal(a, b), (block, lo, (a - b).abs().max())
 
 
-def test_c_kernel_widens_every_float16_exactly():
-    """All 65,536 float16 patterns as scales (8-bit code 1, zero 0): the kernel's value is torch's
-    widening, bit for bit (normal, subnormal, zero and its sign, inf, nan)."""
-    if ckernel.lib() is None:
-        pytest.skip(ckernel.status())
-    s = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)[:, None]
-    rows = Rows(1, 8, 1, torch.float32, "cpu", torch.float16)
-    rows.q, rows.s, rows.z = torch.ones(65536, 1, dtype=torch.uint8), s, torch.zeros_like(s)
-    got, want = rows.deq32(0, 65536)[0][:, 0], s[:, 0].float() * 1.0 + 0.0
-    assert torch.equal(got.isnan(), want.isnan())
-    assert torch.equal(got[~want.isnan()].view(torch.int32), want[~want.isnan()].view(torch.int32))
+@pytest.mark.parametrize("sdt", [torch.float16, torch.bfloat16])
+def test_c_kernel_widens_every_16_bit_scale_exactly(sdt, copy):
+    """All 65,536 bit patterns as scales (8-bit code 1, zero 0), one per row (per-token rows: scalar
+    widening) and 16 per row (channel keys: the AVX2 copy widens 8 at a time, F16C or a shift): the
+    kernel's value is torch's widening, bit for bit (normal, subnormal, zero and its sign, inf, nan)."""
+    s = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(sdt)
+    want = s.float() * 1.0 + 0.0
+    rows = Rows(1, 8, 1, torch.float32, "cpu", sdt)
+    rows.q, rows.s, rows.z = torch.ones(65536, 1, dtype=torch.uint8), s[:, None], torch.zeros(65536, 1, dtype=sdt)
+    keys = ChannelKeys(16, 8, 1, "cpu", sdt)
+    keys.q, keys.s, keys.z = torch.ones(4096, 16, dtype=torch.uint8), s.view(4096, 16), torch.zeros(4096, 16, dtype=sdt)
+    keys.size = torch.ones(4096, dtype=torch.int64)  # a group per row
+    for got in (rows.deq32(0, 65536)[0][:, 0], keys.deq32(0, 4096, None)[0].reshape(-1)):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got[~want.isnan()].view(torch.int32), want[~want.isnan()].view(torch.int32))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sdt", [torch.float16, torch.float32])
 @pytest.mark.parametrize("d,g", [(16, 4), (12, 6), (64, 32), (64, 64), (128, 32), (128, 128)])
-def test_c_attention_from_codes_within_float_rounding(bits, sdt, d, g):
+def test_c_attention_from_codes_within_float_rounding(bits, sdt, d, g, copy):
     """deq.c's one-call attention over a head's tiers (per-token codes, channel keys with partial
     groups, float32 rows) equals the exact products of the dequantized floats within float32
     summation error (d or n terms, u = 2^-24 each): logits written at each tier's slots and nowhere
-    else, weighted values added to what acc held."""
-    if ckernel.lib() is None:
-        pytest.skip(ckernel.status())
+    else, weighted values added to what acc held. Both copies (AVX2: fused multiply-adds in the sums,
+    within the same bounds)."""
     gen = torch.Generator().manual_seed(bits * 100 + d)
     x = torch.randn(10 * g, d, generator=gen) * 3
     hi = Rows(d, bits, min(g, d), torch.float32, "cpu", sdt)
@@ -315,6 +340,27 @@ def test_c_attention_from_codes_within_float_rounding(bits, sdt, d, g):
         ckernel.pv_tiers(pw[:, :width - 1], tiers, acc)  # narrower than the head's slots
 
 
+def test_simd_switch_runs_the_other_copy():
+    """The label a row gets (`c-avx2` / `c`) names the copy that ran: the AVX2 copy's fused sums round
+    differently from the portable ones in some of 4,096 logits, and switching back repeats the first."""
+    restore = use_copy("avx2")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 64, generator=gen)
+    desc, keep, _ = qstore._float_desc(x, 0)
+    tiers = ckernel.Tiers(desc + desc, keep)  # one tier of float32 rows, keys and values alike
+    qv = torch.randn(8, 64, generator=gen)
+    out = []
+    try:
+        for on in (True, False, True):
+            assert ckernel.simd(on) == on and ckernel.reader() == ("c-avx2" if on else "c")
+            out.append(torch.empty(8, 512))
+            ckernel.qk_tiers(qv, tiers, out[-1])
+    finally:
+        restore()
+    assert torch.equal(out[0], out[2]) and not torch.equal(out[0], out[1])
+    assert torch.allclose(out[0], out[1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n", [1, 5, 16, 24, 64])
 def test_unpack_float_equals_unpack_codes(bits, n):
@@ -338,7 +384,7 @@ def test_working_set_is_one_block(path):
         cache.block = block
         hf._attend_blocks(MODULE, query, st, cache, seq, role, 0.25)
         peaks[block] = cache.transient_peak
-    if path == "c":  # codes read one dequantized row at a time, whatever the block; float32 residual: views
+    if path != "torch":  # codes read one dequantized row at a time, whatever the block; float32 residual: views
         assert peaks == {4: D * 4, 10_000: D * 4}
         return
     one_block = 4 * D * 2 * 4  # 4 tokens of K and V in fp32
@@ -431,20 +477,22 @@ def test_cached_byte_counts_follow_every_change():
     assert len(seen) > 3  # the counts did change along the way
 
 
-@pytest.mark.parametrize("method,mtype,reader", [("q", "stream_quant", "c"), ("q", "stream_quant", "torch"),
-                                                 ("full", "full", None)])
-def test_rows_say_which_reader_read_the_codes(tiny_model_dir, tmp_path, monkeypatch, method, mtype, reader):
-    """attention_kernel: "c" where the C kernel read a quantized store, "torch" where torch ops did,
-    null for dense storage (scores of both readers agree: test_session_blocks_of_five_equal_one_block)."""
+@pytest.mark.parametrize("method,mtype,reader", [("q", "stream_quant", "c-avx2"), ("q", "stream_quant", "c"),
+                                                 ("q", "stream_quant", "torch"), ("full", "full", None)])
+def test_rows_say_which_reader_read_the_codes(tiny_model_dir, tmp_path, monkeypatch, request, method, mtype, reader):
+    """attention_kernel: "c-avx2" / "c" where the C kernel's AVX2 / portable copy read a quantized
+    store, "torch" where torch ops did, null for dense storage (scores of the readers agree:
+    test_session_blocks_of_five_equal_one_block)."""
     import pyarrow.parquet as pq
 
     from kvbench.data import make_data
     from kvbench.evaluate import run_eval
 
-    if reader == "c" and ckernel.lib() is None:
-        pytest.skip(ckernel.status())
     if reader == "torch":
         monkeypatch.setattr(ckernel, "lib", lambda: None)
+    elif reader is not None:
+        restore = use_copy("avx2" if reader == "c-avx2" else "portable")
+        request.addfinalizer(restore)
     data = str(tmp_path / "L96.jsonl")
     make_data({"source": "synthetic"}, 96, 1, 0, data)
     out = str(tmp_path / "r.parquet")

@@ -10,7 +10,9 @@ one call) go further and write no block at all: each row is dequantized into a b
 (those same floats) and used at once for the logits of every query row or for the weighted sum of
 values; their dot products sum in a fixed order of their own (8 interleaved partial sums), so they
 equal the torch path's matmuls to float32 rounding, not bit for bit (result rows say which ran:
-`attention_kernel`).
+`attention_kernel`). deq.c holds two copies of its kernels, portable C and x86 AVX2 + FMA + F16C
+intrinsics, and runs the AVX2 one where the CPU has it (`simd()`; rows say `c-avx2` or `c`): the
+same dequantized floats, the sums fused (multiply-add) in the AVX2 copy.
 
 Built on first use with the machine's C compiler (`$CC`, else `cc`) into `$KVBENCH_KERNEL_DIR`
 (default `~/.cache/kvbench/kernels`), under a name that hashes the source, the flags, the
@@ -87,9 +89,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.kvb_deq_chan.argtypes = [P, I64, I64, I64, I64, I, P, I64, P, P, I64, I, P]
     lib.kvb_qk_tiers.argtypes = [P, I64, I64, P, I64, P, I64]
     lib.kvb_pv_tiers.argtypes = [P, I64, I64, I64, P, I64, P]
+    lib.kvb_simd.argtypes, lib.kvb_simd.restype = [I], I
     for f in (lib.kvb_deq_rows, lib.kvb_deq_chan, lib.kvb_init, lib.kvb_qk_tiers, lib.kvb_pv_tiers):
         f.restype = None
-    lib.kvb_init()  # the 2-bit lookup table
+    lib.kvb_init()  # the 2-bit lookup table; the AVX2 copy where the CPU has it
     return lib, f"C ({out})"
 
 
@@ -108,8 +111,23 @@ def lib() -> ctypes.CDLL | None:
 
 def status() -> str:
     """Which path dequantizes the quantized store's blocks, and why."""
-    lib()
-    return _state["status"]
+    k = lib()
+    return _state["status"] if k is None else f"{_state['status']}, {'AVX2' if k.kvb_simd(-1) else 'portable'} copy"
+
+
+def simd(on: bool | None = None) -> bool:
+    """Whether the kernels run their AVX2 copy (x86 with AVX2, FMA and F16C) rather than the portable
+    one. on=True/False switches (True only takes where the CPU has them; tests run both copies)."""
+    k = lib()
+    return bool(k is not None and k.kvb_simd(-1 if on is None else int(on)))
+
+
+def reader() -> str:
+    """What reads a CPU quantized store (the result rows' `attention_kernel`): "c-avx2" or "c" (the
+    portable copy) when the kernels are built, else "torch"."""
+    if lib() is None:
+        return "torch"
+    return "c-avx2" if simd() else "c"
 
 
 def usable(*ts: torch.Tensor) -> bool:

@@ -102,7 +102,7 @@ class StoreCache(Cache):
         self.pending = None
         self.pending_target = None  # (the `pending` tuple, [query is a target token, per token]): see _visible
         self.transient_peak = 0  # largest K/V working copy one attention call made (bytes): see _attend
-        self.quant_reader = None  # "c" or "torch": what read a quantized store's codes (None: none read yet)
+        self.quant_reader = None  # "c-avx2", "c" or "torch" (ckernel.reader): what read a quantized store's codes (None: none read yet)
         self.stepwise = None  # a session: tokens of this forward are appended, attended and evicted one by one
         self.model = model  # for its RoPE frequencies (re-indexed positions)
         self.positioner = None
@@ -235,7 +235,7 @@ def _attend_blocks(module, query, store, cache, seq, role, scaling, step: int = 
     hq, n, d = query.shape[1:]
     hkv = store.h
     g = hq // hkv
-    cache.quant_reader = "c" if query.is_cpu and ckernel.lib() is not None else "torch"
+    cache.quant_reader = ckernel.reader() if query.is_cpu else "torch"
     mask, softcap = _window_mask(module, store, _visible(store, cache, seq, role, step))  # (Hkv, n, C)
     want_p = store.score is not None or store.recorded is not None
     probs = query.new_zeros(hkv, g * n, mask.shape[-1], dtype=torch.float32) if want_p else None
